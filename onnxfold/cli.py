@@ -1,0 +1,219 @@
+"""The command line: parses options, calls the library, prints, and picks the exit code.
+
+Exit codes: 0 success; 1 parity failed (verify, optimize --verify); 2 bad input or usage;
+3 an internal error (a bug: please report it with the model if you can).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import OnnxfoldError
+from .modelio import load_model, save_model, write_text
+from .optimize import optimize, select_rules
+from .ruleset import load_rules
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
+
+
+def _handle_errors(command):
+    """Bad input becomes one line on stderr and exit 2; no traceback reaches the user."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OnnxfoldError as error:
+            click.echo(f"onnxfold: error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - the last line of defence for users
+            if os.environ.get("ONNXFOLD_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"onnxfold: internal error: {type(error).__name__}: {error} "
+                       "(set ONNXFOLD_DEBUG=1 for the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _names(text):
+    return [name.strip() for name in text.split(",") if name.strip()] if text else []
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxfold")
+def main():
+    """Exact structural re-parameterization of ONNX models."""
+
+
+@main.command("optimize")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--only", help="Run only these rules (comma-separated).")
+@click.option("--skip", help="Do not run these rules (comma-separated).")
+@click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="A folder of your own rule files, added to the shipped ones.")
+@click.option("--explain", is_flag=True, help="Say why rules did not apply where they nearly did.")
+@click.option("--verify", "verify", is_flag=True, help="Check parity in onnxruntime before writing.")
+@click.option("--keep-failed", is_flag=True, help="With --verify: write TARGET even if parity fails.")
+@click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_handle_errors
+def optimize_command(source, target, json_path, only, skip, rule_dirs, explain, verify,
+                     keep_failed, force, quiet):
+    """Optimize SOURCE and write the result to TARGET."""
+    if _same_file(source, target) and not force:
+        raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
+    rules = select_rules(load_rules(rule_dirs), _names(only), _names(skip))
+    model = load_model(source)
+    optimized, report = optimize(model, rules=rules)
+    passed = True
+    if verify:
+        from .culprit import verify_optimization
+
+        report.verification = verify_optimization(model, optimized, rules, report)
+        passed = report.verification["passed"]
+    if passed or keep_failed:
+        save_model(optimized, target)
+    if json_path:
+        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    if not quiet:
+        click.echo(report.render(explain=explain))
+        click.echo(f"wrote {target}" if passed or keep_failed else f"parity failed: {target} not written")
+    sys.exit(0 if passed else EXIT_FAILED)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+@main.command("rules")
+@click.argument("name", required=False)
+@click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Also list the rules in this folder.")
+@_handle_errors
+def rules_command(name, rule_dirs):
+    """List the rules, or show rule NAME in full."""
+    rules = load_rules(rule_dirs)
+    if name is None:
+        width = max(len(rule.name) for rule in rules)
+        for rule in rules:
+            click.echo(f"{rule.name:<{width}}  {rule.summary}")
+        return
+    rule = next((rule for rule in rules if rule.name == name), None)
+    if rule is None:
+        raise OnnxfoldError(f"unknown rule '{name}' (see 'onnxfold rules')")
+    click.echo(_describe_rule(rule))
+
+
+def _describe_rule(rule) -> str:
+    sections = [rule.name, "", rule.summary, "", rule.description, "", "pattern:"]
+    sections += [f"  {line.text}" for line in rule.pattern]
+    sections += ["when:"] + [f"  {line.text}" for line in rule.when]
+    sections += ["compute:"] + [f"  {line.text}" for line in rule.compute]
+    sections += ["result:"] + [f"  {line.text}" for line in rule.result]
+    sections += ["", f"{len(rule.examples)} examples, {len(rule.counterexamples)} counterexamples",
+                 f"file: {rule.source}"]
+    return "\n".join(sections)
+
+
+@main.command("verify")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("optimized", type=click.Path(path_type=Path))
+@click.option("--providers", help="Comma-separated: cpu, cuda (default: cpu, plus cuda if available).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by output dtype).")
+@click.option("--atol", type=float, help="Absolute tolerance (default by output dtype).")
+@click.option("--output-tol", multiple=True, metavar="NAME:RTOL[:ATOL]",
+              help="Tolerance for one output; repeatable.")
+@click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare.")
+@click.option("--input-range", metavar="LOW,HIGH", help="Range of random float inputs (default -1,1).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDxD",
+              help="Shape of an input with dynamic dimensions; repeatable.")
+@click.option("--inputs", "input_files", multiple=True, metavar="FILE.npz | NAME=FILE.npy",
+              help="Your own input data instead of random inputs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--iterations", type=int, default=50, show_default=True)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads.")
+@click.option("--no-latency", is_flag=True, help="Check parity only.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every number as JSON.")
+@_handle_errors
+def verify_command(original, optimized, providers, rtol, atol, output_tol, samples, input_range,
+                   shapes, input_files, seed, warmup, iterations, threads, no_latency, json_path):
+    """Compare OPTIMIZED with ORIGINAL: numerical parity and latency in onnxruntime."""
+    from .verify import verify_models
+
+    report = verify_models(
+        original, optimized, providers=_names(providers) or None, rtol=rtol, atol=atol,
+        output_tolerances=_output_tolerances(output_tol), samples=samples,
+        input_range=_pair(input_range, "--input-range"), shapes=_shapes(shapes),
+        inputs=_input_files(input_files), seed=seed, latency=not no_latency, warmup=warmup,
+        iterations=iterations, threads=threads, progress=sys.stderr.isatty())
+    if json_path:
+        write_text(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    click.echo(report.render())
+    sys.exit(0 if report.passed else EXIT_FAILED)
+
+
+def _pair(text, option):
+    if not text:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise OnnxfoldError(f"{option} takes LOW,HIGH, not '{text}'") from None
+    return low, high
+
+
+def _shapes(items):
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise OnnxfoldError(f"--shape takes NAME:1x3x224x224, not '{item}'") from None
+        if not name:
+            raise OnnxfoldError(f"--shape takes NAME:1x3x224x224, not '{item}'")
+    return shapes or None
+
+
+def _output_tolerances(items):
+    tolerances = {}
+    for item in items:
+        name, *numbers = item.split(":")
+        try:
+            values = [float(n) for n in numbers]
+        except ValueError:
+            values = []
+        if not name or not 1 <= len(values) <= 2:
+            raise OnnxfoldError(f"--output-tol takes NAME:RTOL[:ATOL], not '{item}'")
+        tolerances[name] = (values[0], values[1] if len(values) > 1 else None)
+    return tolerances or None
+
+
+def _input_files(items):
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    files = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise OnnxfoldError(f"--inputs takes one FILE.npz or NAME=FILE.npy per input, not '{item}'")
+        files[name] = path
+    return files

@@ -1,0 +1,284 @@
+"""The one engine: applies rules to a fixpoint over an onnx-graphsurgeon graph.
+
+Work is driven by a queue in topological order. When a rule fires, only the nodes it could
+newly enable are queued again (the new nodes, their consumers, and the consumers of values
+that lost a consumer), so the cost grows with the graph, not with its square. A final sweep
+over every node confirms the fixpoint. Every rewrite has fewer nodes than it replaces
+(checked when rules load), so the loop ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import attributes, constant_values, is_constant, producer
+from .pattern import Match, match_at
+from .predicates import PREDICATES
+from .ruleset import Attribute, Literal, Name, Rule
+from .transforms import TRANSFORMS
+
+# Errors a predicate or transform may raise on a graph it cannot reason about (unknown
+# shapes, malformed weights). The rule then does not fire, and the reason is recorded.
+_CANNOT_TELL = (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError)
+
+
+@dataclass
+class Rewrite:
+    rule: str
+    replaced: list  # names of the nodes removed
+    produced: list  # names of the nodes added
+
+
+@dataclass
+class Miss:
+    rule: str
+    node: str
+    reason: str
+
+
+class Engine:
+    def __init__(self, graph: gs.Graph, rules: list):
+        self.graph = graph
+        self.rules_by_op: dict = {}
+        for rule in rules:
+            self.rules_by_op.setdefault(rule.root.function, []).append(rule)
+        self.names = _NameSource(graph)
+        self.removed: set = set()
+        self.rewrites: list = []
+        self.misses: dict = {}  # (rule, node name) -> reason, the latest seen
+
+    def run(self) -> None:
+        budget = len(self.graph.nodes) + 1
+        while self._sweep(self._live_nodes()):
+            if len(self.rewrites) > budget:
+                raise RuntimeError("rewriting did not converge; a rule does not shrink the graph")
+
+    def remaining_misses(self) -> list:
+        """Reasons recorded for rules that did not fire on nodes still in the graph."""
+        live = {node.name for node in self._live_nodes()}
+        return [Miss(rule, node, reason) for (rule, node), reason in self.misses.items() if node in live]
+
+    # --- driving -------------------------------------------------------------------------
+
+    def _live_nodes(self) -> list:
+        return [node for node in self.graph.nodes if id(node) not in self.removed]
+
+    def _sweep(self, nodes) -> bool:
+        queue, queued = deque(nodes), {id(node) for node in nodes}
+        fired = False
+        while queue:
+            node = queue.popleft()
+            queued.discard(id(node))
+            if id(node) in self.removed:
+                continue
+            for follow_up in self._rewrite_at(node):
+                fired = True
+                if id(follow_up) not in queued and id(follow_up) not in self.removed:
+                    queue.append(follow_up)
+                    queued.add(id(follow_up))
+        return fired
+
+    def _rewrite_at(self, node) -> list:
+        """Apply the first rule that fires at `node`; return the nodes to look at again."""
+        for rule in self.rules_by_op.get(node.op, ()):
+            match = match_at(rule, node)
+            if match is None:
+                continue
+            reason, computed = self._evaluate(rule, match)
+            if reason:
+                self.misses[(rule.name, node.name)] = reason
+                continue
+            self.misses.pop((rule.name, node.name), None)
+            return self._apply(rule, match, computed)
+        return []
+
+    # --- deciding ------------------------------------------------------------------------
+
+    def _evaluate(self, rule: Rule, match: Match):
+        """(reason it may not fire, None) or (None, computed values)."""
+        reason = self._removed_values_private(rule, match) or _element_types_agree(match)
+        if reason:
+            return reason, None
+        for line in rule.when:
+            try:
+                reason = PREDICATES[line.function](*[_predicate_arg(a, match) for a in line.args])
+            except _CANNOT_TELL as error:
+                reason = f"{line.function} cannot tell: {error}"
+            if reason:
+                return reason, None
+        try:
+            return None, _compute(rule, match)
+        except _CANNOT_TELL as error:
+            return f"the arithmetic failed: {error}", None
+
+    def _removed_values_private(self, rule, match) -> str | None:
+        """Every value the rewrite removes is used only inside the pattern."""
+        matched = {id(node) for node in match.nodes.values()}
+        outputs = {id(tensor) for tensor in self.graph.outputs}
+        root = rule.root.text
+        for line_text, node in match.nodes.items():
+            for tensor in node.outputs:
+                if line_text == root and tensor is node.outputs[0]:
+                    continue
+                if id(tensor) in outputs:
+                    return f"'{tensor.name}' is a graph output and would disappear"
+                others = [c.name for c in tensor.outputs if id(c) not in matched]
+                if others:
+                    return f"'{tensor.name}' is also used by {others[0]!r}"
+        return None
+
+    # --- rewriting -----------------------------------------------------------------------
+
+    def _apply(self, rule, match, computed) -> list:
+        root_tensor = match.values[rule.root.targets[0]]
+        dtype = _site_dtype(match)
+        old_nodes = list(match.nodes.values())
+        first_name = match.nodes[rule.pattern[0].text].name
+        neighbours = [t for node in old_nodes for t in node.inputs]
+        attrs = [_result_attributes(line, match, computed) for line in rule.result]
+        for node in old_nodes:
+            node.inputs.clear()
+            node.outputs.clear()
+            self.removed.add(id(node))
+        scope = {name: tensor for name, tensor in match.values.items() if name not in rule.producers}
+        new_nodes = []
+        for index, line in enumerate(rule.result):
+            node = self._build_node(line, index, first_name, scope, computed, match, dtype, root_tensor)
+            node.attrs.update(attrs[index])
+            self.graph.nodes.append(node)
+            new_nodes.append(node)
+        self.rewrites.append(Rewrite(rule.name, [n.name for n in old_nodes], [n.name for n in new_nodes]))
+        follow = list(new_nodes)
+        follow += [c for node in new_nodes for t in node.outputs for c in t.outputs]
+        follow += [c for t in neighbours for c in t.outputs]
+        return follow
+
+    def _build_node(self, line, index, first_name, scope, computed, match, dtype, root_tensor):
+        inputs = [self._input_tensor(arg, scope, computed, dtype) for arg in line.args]
+        outputs = []
+        for target in line.targets:
+            if tensor_is_root(match, target, root_tensor):
+                outputs.append(root_tensor)
+            else:
+                scope[target] = gs.Variable(self.names.fresh(f"{first_name}_{target}"), dtype=root_tensor.dtype)
+                outputs.append(scope[target])
+        name = first_name if index == 0 else self.names.fresh(f"{first_name}_{line.function}")
+        self.names.take(name)
+        return gs.Node(op=line.function, name=name, inputs=inputs, outputs=outputs)
+
+    def _input_tensor(self, arg, scope, computed, dtype):
+        if isinstance(arg, Literal) and arg.value is None:
+            return gs.Variable.empty()
+        if arg.name in scope:
+            return scope[arg.name] if scope[arg.name] is not None else gs.Variable.empty()
+        value = computed[arg.name]
+        if value is None:
+            return gs.Variable.empty()
+        constant = gs.Constant(self.names.fresh(arg.name), np.ascontiguousarray(np.asarray(value).astype(dtype)))
+        scope[arg.name] = constant
+        return constant
+
+
+def tensor_is_root(match, name, root_tensor) -> bool:
+    return match.values.get(name) is root_tensor
+
+
+def _result_attributes(line, match, computed) -> dict:
+    """A result node's attributes: those of its `like=` node, then the keywords given."""
+    attrs = {}
+    like = line.keywords.get("like")
+    if like is not None:
+        source = producer(match.values[like.name])
+        # kernel_shape is derivable from the weight, which a fold may have resized.
+        attrs = {k: v for k, v in source.attrs.items() if k != "kernel_shape"}
+    for key, arg in line.keywords.items():
+        if key != "like":
+            attrs[key] = _plain(_transform_arg(arg, match, computed))
+    if "pads" in line.keywords:
+        attrs.pop("auto_pad", None)
+    return attrs
+
+
+def _predicate_arg(arg, match):
+    if isinstance(arg, Name):
+        return match.values[arg.name]
+    if isinstance(arg, Attribute):
+        return attributes(producer(match.values[arg.value]))[arg.attribute]
+    return arg.value
+
+
+def _transform_arg(arg, match, computed):
+    if isinstance(arg, Literal):
+        return arg.value
+    if isinstance(arg, Attribute):
+        return attributes(producer(match.values[arg.value]))[arg.attribute]
+    if arg.name in computed:
+        return computed[arg.name]
+    tensor = match.values[arg.name]
+    if tensor is None:
+        return None
+    if not is_constant(tensor):
+        raise ValueError(f"'{tensor.name}' is not a constant")
+    values = constant_values(tensor)
+    return values.astype(np.float64) if np.issubdtype(values.dtype, np.floating) else values
+
+
+def _compute(rule, match) -> dict:
+    computed = {}
+    for line in rule.compute:
+        result = TRANSFORMS[line.function](*[_transform_arg(a, match, computed) for a in line.args])
+        results = result if len(line.targets) > 1 else (result,)
+        if len(results) != len(line.targets):
+            raise ValueError(f"{line.function} returned {len(results)} values for {len(line.targets)} names")
+        computed.update(zip(line.targets, results))
+    return computed
+
+
+def _float_constants(match):
+    return [t for t in match.values.values()
+            if t is not None and is_constant(t) and np.issubdtype(np.dtype(t.dtype), np.floating)]
+
+
+def _site_dtype(match):
+    constants = _float_constants(match)
+    return np.dtype(constants[0].dtype) if constants else np.dtype(np.float32)
+
+
+def _element_types_agree(match) -> str | None:
+    kinds = {np.dtype(t.dtype).name for t in _float_constants(match)}
+    if len(kinds) > 1:
+        return f"the weights mix element types ({', '.join(sorted(kinds))})"
+    return None
+
+
+def _plain(value):
+    """Attribute values as ONNX wants them: Python ints, floats and lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _NameSource:
+    """Unique, deterministic names for new nodes and values."""
+
+    def __init__(self, graph):
+        self.used = {node.name for node in graph.nodes} | set(graph.tensors().keys())
+
+    def take(self, name):
+        self.used.add(name)
+
+    def fresh(self, base) -> str:
+        name, counter = base, 0
+        while name in self.used:
+            counter += 1
+            name = f"{base}_{counter}"
+        self.used.add(name)
+        return name

@@ -1,0 +1,126 @@
+"""Clean-ups that exported graphs need before rules can see their patterns.
+
+PyTorch's exporters hide the same block behind different shapes: weights as `Constant`
+nodes, `Identity` chains, inference `Dropout`, `Add(x, 0)` and `Mul(x, 1)`, small constant
+subgraphs. Each step here removes one of those shapes and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import attributes, is_constant, producer
+
+_NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
+_PASS_THROUGH = {"Identity", "Dropout"}
+
+
+def normalize(graph: gs.Graph) -> dict:
+    """Run every clean-up once; return how many nodes each removed."""
+    counts = {"constant-nodes": _constant_nodes_to_weights(graph)}
+    counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
+    counts["identity-and-dropout"] = 0
+    counts["neutral-elementwise"] = 0
+    for node in list(graph.nodes):
+        if node.op in _PASS_THROUGH and _is_pass_through(node):
+            counts["identity-and-dropout"] += _bypass(graph, node)
+        elif node.op in _NEUTRAL:
+            data = _neutral_operand(node)
+            if data is not None:
+                counts["neutral-elementwise"] += _bypass(graph, node, data)
+    graph.cleanup()
+    return counts
+
+
+def _constant_nodes_to_weights(graph) -> int:
+    """`Constant` nodes become stored weights, so rules see one kind of constant."""
+    outputs = {id(t) for t in graph.outputs}
+    count = 0
+    for node in graph.nodes:
+        if node.op != "Constant" or id(node.outputs[0]) in outputs:
+            continue
+        values = _constant_node_values(node)
+        if values is None:
+            continue
+        tensor = node.outputs[0]
+        node.outputs.clear()
+        tensor.to_constant(values)
+        count += 1
+    return count
+
+
+def _constant_node_values(node):
+    attrs = node.attrs
+    if isinstance(attrs.get("value"), gs.Constant):
+        return np.asarray(attrs["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None  # sparse or string constants are left as they are
+
+
+def _fold_constant_subgraphs(graph) -> int:
+    """Evaluate nodes whose inputs are all constants (onnx-graphsurgeon runs them in ORT)."""
+    foldable = [n for n in graph.nodes if n.inputs and n.op != "Constant"
+                and all(is_constant(t) or t.name == "" for t in n.inputs)]
+    if not foldable:
+        return 0
+    before = len(graph.nodes)
+    graph.fold_constants(fold_shapes=False, error_ok=True).cleanup()
+    return before - len(graph.nodes)
+
+
+def _is_pass_through(node) -> bool:
+    if node.op == "Identity":
+        return True
+    # Dropout is the identity in inference mode, as long as its mask is unused.
+    training = len(node.inputs) > 2 and node.inputs[2].name != ""
+    mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+    return not training and not mask_used and attributes(node).get("training_mode", 0) == 0
+
+
+def _neutral_operand(node):
+    """The data input of x+0, x-0, x*1 or x/1 whose constant cannot change x's shape."""
+    neutral, commutes = _NEUTRAL[node.op]
+    candidates = [(0, 1), (1, 0)] if commutes else [(0, 1)]
+    for data_index, constant_index in candidates:
+        data, constant = node.inputs[data_index], node.inputs[constant_index]
+        if not is_constant(constant) or np.any(np.asarray(constant.values) != neutral):
+            continue
+        if _broadcast_keeps_shape(data, constant) and data.dtype == constant.dtype:
+            return data
+    return None
+
+
+def _broadcast_keeps_shape(data, constant) -> bool:
+    if data.shape is None:
+        return False
+    shape = tuple(constant.shape)
+    if len(shape) > len(data.shape):
+        return False
+    if all(size == 1 for size in shape):
+        return True
+    return all(isinstance(d, int) for d in data.shape) and \
+        np.broadcast_shapes(tuple(data.shape), shape) == tuple(data.shape)
+
+
+def _bypass(graph, node, source=None) -> int:
+    """Remove a node whose output equals `source` (its first input by default)."""
+    source = node.inputs[0] if source is None else source
+    result = node.outputs[0]
+    outputs = graph.outputs
+    if result in outputs:
+        # The graph output keeps its name: the source value takes it over, if it can.
+        if source in graph.inputs or source in outputs or producer(source) is None:
+            return 0
+        source.name = result.name
+        source.dtype = source.dtype or result.dtype
+        source.shape = source.shape or result.shape
+        outputs[outputs.index(result)] = source
+    for consumer in list(result.outputs):
+        consumer.inputs[:] = [source if t is result else t for t in consumer.inputs]
+    node.inputs.clear()
+    node.outputs.clear()
+    return 1

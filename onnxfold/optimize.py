@@ -1,0 +1,124 @@
+"""The pipeline behind `onnxfold optimize`: load, normalize, rewrite to a fixpoint, export."""
+
+from __future__ import annotations
+
+import time
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .engine import Engine
+from .errors import OnnxfoldError
+from .modelio import load_model
+from .normalize import normalize
+from .report import Report, model_stats, unexplained_leftovers
+from .ruleset import load_rules
+
+# Weights above this many bytes are left out of the copy that shape inference reads.
+_SHAPE_INFERENCE_WEIGHT_LIMIT = 4096
+
+
+def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
+    """Optimize a model (a path or a ModelProto, which is left unchanged).
+
+    Returns (optimized ModelProto, Report).
+    """
+    started = time.perf_counter()
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
+    before = model_stats(model)
+    graph = gs.import_onnx(model)
+    _apply_inferred_shapes(graph, model)
+    graph.toposort()
+    normalized = normalize(graph)
+    engine = Engine(graph, rules)
+    engine.run()
+    graph.cleanup().toposort()
+    optimized = _export(graph, model)
+    report = Report(
+        before=before,
+        after=model_stats(optimized),
+        seconds=time.perf_counter() - started,
+        normalized=normalized,
+        rewrites=engine.rewrites,
+        misses=engine.remaining_misses() + unexplained_leftovers(graph, engine.misses),
+        rules=[rule.name for rule in rules],
+    )
+    return optimized, report
+
+
+def select_rules(rules, only=None, skip=None) -> list:
+    """The rules to run, after --only and --skip; an unknown name is an error."""
+    known = {rule.name for rule in rules}
+    for name in [*(only or []), *(skip or [])]:
+        if name not in known:
+            raise OnnxfoldError(f"unknown rule '{name}' (see 'onnxfold rules')")
+    if only:
+        rules = [rule for rule in rules if rule.name in only]
+    return [rule for rule in rules if rule.name not in (skip or [])]
+
+
+def _apply_inferred_shapes(graph, model) -> None:
+    """Fill in value shapes from ONNX shape inference, run on a copy without big weights."""
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+    tensors = graph.tensors()
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = tensors.get(info.name)
+        if tensor is None or isinstance(tensor, gs.Constant) or tensor.shape is not None:
+            continue
+        kind = info.type.tensor_type
+        if not kind.HasField("shape"):
+            continue
+        tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                        for d in kind.shape.dim]
+        if tensor.dtype is None and kind.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type)
+
+
+def _skeleton(model) -> onnx.ModelProto:
+    """The model with big weights turned into typed graph inputs: cheap to copy and infer."""
+    skeleton = onnx.ModelProto()
+    _copy_model_fields(model, skeleton)
+    graph = skeleton.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {info.name for info in model.graph.input}
+    for weight in model.graph.initializer:
+        if _tensor_size(weight) <= _SHAPE_INFERENCE_WEIGHT_LIMIT:
+            graph.initializer.append(weight)
+        elif weight.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
+    return skeleton
+
+
+def _tensor_size(tensor) -> int:
+    return len(tensor.raw_data) or tensor.ByteSize()
+
+
+def _export(graph, original) -> onnx.ModelProto:
+    exported = gs.export_onnx(graph, do_type_check=False)
+    _copy_model_fields(original, exported)
+    # Keep only the input's own shape annotations that still name a value.
+    names = {t for node in exported.graph.node for t in [*node.input, *node.output]}
+    del exported.graph.value_info[:]
+    exported.graph.value_info.extend(v for v in original.graph.value_info if v.name in names)
+    return exported
+
+
+def _copy_model_fields(source, target) -> None:
+    """Everything but the graph: IR version, opsets, producer, metadata, functions."""
+    for field in source.DESCRIPTOR.fields:
+        if field.name == "graph":
+            continue
+        target.ClearField(field.name)
+        value = getattr(source, field.name)
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            if source.HasField(field.name):
+                getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)

@@ -1,0 +1,304 @@
+"""When: named conditions that rule files list under `when`.
+
+Each predicate takes graph values (onnx-graphsurgeon tensors, or None for an omitted
+optional input) and returns None when it holds, or a short reason when it does not. The
+reason is what `--explain` shows the user, so it says what was found, not just "no".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import transforms
+from .graph import attributes, constant_values, is_constant, is_present, producer, rank_of
+
+PREDICATES: dict = {}
+
+
+def predicate(function):
+    """Register `function` under its own name, for rule files to list."""
+    PREDICATES[function.__name__] = function
+    return function
+
+
+def _node(value):
+    return producer(value)
+
+
+def _weight_shape(conv_value):
+    return tuple(_node(conv_value).inputs[1].shape)
+
+
+# --- values -------------------------------------------------------------------------------
+
+@predicate
+def constant(*values):
+    """Every value is a weight stored in the model (an absent optional input is fine)."""
+    for value in values:
+        if is_present(value) and not is_constant(value):
+            return f"'{value.name}' is computed at run time, not a stored constant"
+    return None
+
+
+@predicate
+def rank_is(value, rank):
+    """The value's rank is known and equals `rank`."""
+    found = rank_of(value)
+    if found != rank:
+        return f"'{value.name}' has rank {found if found is not None else 'unknown'}, needs {rank}"
+    return None
+
+
+@predicate
+def per_channel(value, conv_output):
+    """A constant that broadcasts as [1, O, 1, ...] (or a scalar) on the conv's output."""
+    weight = _weight_shape(conv_output)
+    shape = tuple(value.shape)
+    out_rank, channels = len(weight), weight[0]
+    if len(shape) > out_rank:
+        return f"'{value.name}' of shape {list(shape)} has more axes than the conv output"
+    aligned = (1,) * (out_rank - len(shape)) + shape
+    if any(size != 1 for axis, size in enumerate(aligned) if axis != 1):
+        return f"'{value.name}' of shape {list(shape)} is not per-channel: it broadcasts along other axes"
+    if aligned[1] not in (1, channels):
+        return f"'{value.name}' has {aligned[1]} channels, the conv has {channels}"
+    return None
+
+
+@predicate
+def per_feature(value, weight):
+    """A constant that broadcasts along the last axis only, with N = weight's columns."""
+    if not is_present(value):
+        return None
+    shape = tuple(value.shape)
+    if any(size != 1 for size in shape[:-1]) or (shape and shape[-1] not in (1, weight.shape[-1])):
+        return f"'{value.name}' of shape {list(shape)} does not broadcast along the features only"
+    return None
+
+
+@predicate
+def weight_rank_is(weight, rank):
+    """A stored weight has the given rank (MatMul weights must be plain matrices)."""
+    if len(weight.shape) != rank:
+        return f"weight '{weight.name}' has rank {len(weight.shape)}, needs {rank}"
+    return None
+
+
+@predicate
+def reshape_keeps_features(shape, weight):
+    """Reshape to [rows, N]: the feature axis survives, so a per-column scale commutes."""
+    if not is_constant(shape):
+        return f"the target shape '{shape.name}' is computed at run time"
+    target = constant_values(shape).reshape(-1).tolist()
+    if len(target) != 2 or target[-1] != weight.shape[-1]:
+        return f"Reshape to {target} does not keep the {weight.shape[-1]} features as axis 1 of a 2-D tensor"
+    return None
+
+
+# --- node attributes ------------------------------------------------------------------------
+
+@predicate
+def bn_inference(bn_output):
+    """BatchNormalization in inference mode: training_mode 0 and only its first output used."""
+    node = _node(bn_output)
+    if attributes(node)["training_mode"]:
+        return "BatchNormalization is in training mode (training_mode=1)"
+    if any(output.outputs for output in node.outputs[1:]):
+        return "BatchNormalization's running statistics outputs are used"
+    return None
+
+
+@predicate
+def explicit_padding(*conv_outputs):
+    """Pads are explicit (auto_pad NOTSET or VALID): SAME_* depends on the input size."""
+    for value in conv_outputs:
+        mode = attributes(_node(value))["auto_pad"]
+        if mode not in ("NOTSET", "VALID"):
+            return f"'{_node(value).name}' uses auto_pad={mode}; its pads depend on the input size"
+    return None
+
+
+@predicate
+def no_padding(conv_output):
+    """The conv pads nothing (needed where padded zeros would miss a shift)."""
+    node = _node(conv_output)
+    attrs = attributes(node)
+    if attrs["auto_pad"] not in ("NOTSET", "VALID") or any(attrs["pads"]):
+        return f"'{node.name}' pads its input: padded zeros would not receive the BatchNormalization shift"
+    return None
+
+
+@predicate
+def pointwise(conv_output):
+    """A 1x1 conv with stride 1, no padding and one group: a per-pixel channel mix."""
+    node = _node(conv_output)
+    attrs = attributes(node)
+    if any(k != 1 for k in _weight_shape(conv_output)[2:]):
+        return f"'{node.name}' is not 1x1"
+    if any(s != 1 for s in attrs["strides"]) or any(attrs["pads"]) or attrs["group"] != 1:
+        return f"'{node.name}' has a stride, padding or groups"
+    return None
+
+
+@predicate
+def single_group(*conv_outputs):
+    """Every conv has group 1 (a fold across grouped convs would densify them)."""
+    for value in conv_outputs:
+        group = attributes(_node(value))["group"]
+        if group != 1:
+            return f"'{_node(value).name}' has group={group}"
+    return None
+
+
+@predicate
+def plain_gemm_input(gemm_output):
+    """Gemm with transA=0, so it is x @ op(B) + C on the unchanged input."""
+    if attributes(_node(gemm_output))["transA"]:
+        return f"'{_node(gemm_output).name}' transposes its input (transA=1)"
+    return None
+
+
+@predicate
+def gemm_input_is_2d(gemm_output):
+    """Gemm needs a 2-D input; MatMul accepts more, so check the rank is known to be 2."""
+    return rank_is(_node(gemm_output).inputs[0], 2)
+
+
+# --- branches -----------------------------------------------------------------------------
+
+def _geometry(node):
+    attrs = attributes(node)
+    return {key: list(attrs[key]) for key in ("strides", "dilations")} | {"group": attrs["group"]}
+
+
+@predicate
+def same_geometry(conv_a, conv_b):
+    """Two convs with equal strides, dilations, group and weight layout."""
+    a, b = _node(conv_a), _node(conv_b)
+    for key, value in _geometry(a).items():
+        if value != _geometry(b)[key]:
+            return f"'{a.name}' and '{b.name}' differ in {key} ({value} vs {_geometry(b)[key]})"
+    if _weight_shape(conv_a)[:2] != _weight_shape(conv_b)[:2]:
+        return f"'{a.name}' and '{b.name}' have different channel counts"
+    return None
+
+
+def _align(kernel_a, pads_a, kernel_b, pads_b, dilations, names):
+    kernels = [kernel_a, kernel_b]
+    target_kernel, target_pads = transforms.merged_geometry(kernels, [pads_a, pads_b])
+    for kernel, pads, name in zip(kernels, (pads_a, pads_b), names):
+        if transforms.branch_offsets(kernel, pads, target_kernel, target_pads, dilations) is None:
+            return (f"'{name}' (kernel {list(kernel)}, pads {list(pads)}) does not align with "
+                    f"kernel {target_kernel}, pads {target_pads}: outputs would see different inputs")
+    return None
+
+
+@predicate
+def kernels_align(conv_a, conv_b):
+    """The smaller kernel sits at a whole, non-negative offset inside the larger."""
+    a, b = _node(conv_a), _node(conv_b)
+    attrs_a, attrs_b = attributes(a), attributes(b)
+    return _align(_weight_shape(conv_a)[2:], attrs_a["pads"], _weight_shape(conv_b)[2:],
+                  attrs_b["pads"], attrs_a["dilations"], (a.name, b.name))
+
+
+def _channel_preserving(conv_output):
+    node = _node(conv_output)
+    weight = _weight_shape(conv_output)
+    attrs = attributes(node)
+    if weight[0] != weight[1] * attrs["group"]:
+        return f"'{node.name}' maps {weight[1] * attrs['group']} channels to {weight[0]}: no identity kernel"
+    return None
+
+
+@predicate
+def identity_fits(conv_output):
+    """x itself equals a centred 1x1 kernel of this conv: stride 1, O = I, 'same' padding."""
+    node = _node(conv_output)
+    attrs = attributes(node)
+    if any(s != 1 for s in attrs["strides"]):
+        return f"'{node.name}' has stride {attrs['strides']}: x and the conv output differ in size"
+    reason = _channel_preserving(conv_output)
+    if reason:
+        return reason
+    rank = len(attrs["strides"])
+    return _align(_weight_shape(conv_output)[2:], attrs["pads"], (1,) * rank, [0] * (2 * rank),
+                  attrs["dilations"], (node.name, "the identity branch"))
+
+
+@predicate
+def avgpool_exact(pool_output):
+    """AveragePool equals a conv: padded zeros counted (or none), floor mode, no dilation."""
+    node = _node(pool_output)
+    attrs = attributes(node)
+    if attrs["auto_pad"] != "NOTSET":
+        return f"'{node.name}' uses auto_pad={attrs['auto_pad']}"
+    if any(attrs["pads"]) and not attrs["count_include_pad"]:
+        return f"'{node.name}' pads with count_include_pad=0: border averages use fewer inputs"
+    if attrs["ceil_mode"] or any(d != 1 for d in attrs["dilations"]):
+        return f"'{node.name}' uses ceil_mode or dilations"
+    return None
+
+
+@predicate
+def avgpool_fits(conv_output, pool_output):
+    """The pooling window aligns with the conv: same strides, O = I, dilation 1."""
+    conv, pool = _node(conv_output), _node(pool_output)
+    conv_attrs, pool_attrs = attributes(conv), attributes(pool)
+    if list(conv_attrs["strides"]) != list(pool_attrs["strides"]):
+        return f"'{conv.name}' and '{pool.name}' have different strides"
+    if any(d != 1 for d in conv_attrs["dilations"]):
+        return f"'{conv.name}' is dilated; the pooling window is not"
+    reason = _channel_preserving(conv_output)
+    if reason:
+        return reason
+    return _align(_weight_shape(conv_output)[2:], conv_attrs["pads"], pool_attrs["kernel_shape"],
+                  pool_attrs["pads"], conv_attrs["dilations"], (conv.name, pool.name))
+
+
+# --- sequential folds ------------------------------------------------------------------------
+
+@predicate
+def bias_free_or_unpadded(first_output, second_output):
+    """1x1 then KxK: exact if the 1x1 adds no bias, or the KxK pads nothing."""
+    first, second = _node(first_output), _node(second_output)
+    has_bias = len(first.inputs) > 2 and is_present(first.inputs[2]) and np.any(constant_values(first.inputs[2]))
+    if has_bias and any(attributes(second)["pads"]):
+        return (f"'{first.name}' adds a bias and '{second.name}' pads: "
+                "padded zeros would not carry the bias")
+    return None
+
+
+@predicate
+def not_more_flops(first_output, second_output):
+    """The merged conv costs no more than the two it replaces (no densifying fold)."""
+    first, second = _weight_shape(first_output), _weight_shape(second_output)
+    kernel = max(int(np.prod(first[2:])), int(np.prod(second[2:])))
+    merged = kernel * first[1] * second[0]
+    separate = int(np.prod(first[1:])) * first[0] + int(np.prod(second[1:])) * second[0]
+    if merged > separate:
+        return f"merging would cost {merged} multiply-adds per pixel instead of {separate}"
+    return None
+
+
+def _product_cost(rows, inner, columns):
+    if rows * columns > rows * inner + inner * columns:
+        return f"A ({rows}x{inner}) times B ({inner}x{columns}) is a bigger matrix than the two"
+    return None
+
+
+@predicate
+def smaller_product(A, B):
+    """x @ (A @ B) costs no more than (x @ A) @ B: no low-rank pair is densified."""
+    return _product_cost(A.shape[0], A.shape[1], B.shape[1])
+
+
+@predicate
+def smaller_gemm_product(first_output, second_output):
+    """smaller_product for two Gemms, on op(B) of each (transB honoured)."""
+    shapes = []
+    for value in (first_output, second_output):
+        node = _node(value)
+        rows, columns = node.inputs[1].shape
+        shapes.append((columns, rows) if attributes(node)["transB"] else (rows, columns))
+    return _product_cost(shapes[0][0], shapes[0][1], shapes[1][1])

@@ -1,0 +1,96 @@
+"""What `optimize` did: the numbers a person reads at a glance, and the JSON a pipeline keeps."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from .engine import Miss
+
+# Ops whose presence after optimizing the user will ask about.
+_WATCHED = {"Add", "Sub", "Mul", "BatchNormalization", "AveragePool"}
+
+
+def model_stats(model: onnx.ModelProto) -> dict:
+    ops = Counter(node.op_type for node in model.graph.node)
+    parameters = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            parameters += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+    return {"nodes": len(model.graph.node), "parameters": parameters,
+            "bytes": model.ByteSize(), "ops": dict(sorted(ops.items()))}
+
+
+def unexplained_leftovers(graph, misses) -> list:
+    """A reason for every watched node left that no rule even partly matched."""
+    explained = {node for (_, node) in misses}
+    leftovers = []
+    for node in graph.nodes:
+        if node.op in _WATCHED and node.name not in explained:
+            sources = ", ".join(t.inputs[0].op if t.inputs else "input" for t in node.inputs[:2])
+            leftovers.append(Miss("-", node.name, f"no rule's pattern matches {node.op} fed by {sources}"))
+    return leftovers
+
+
+@dataclass
+class Report:
+    before: dict
+    after: dict
+    seconds: float
+    normalized: dict
+    rewrites: list
+    misses: list
+    rules: list
+    verification: dict | None = field(default=None)
+
+    def fired(self) -> dict:
+        return dict(sorted(Counter(r.rule for r in self.rewrites).items()))
+
+    def to_dict(self) -> dict:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "seconds": round(self.seconds, 4),
+            "normalized": self.normalized,
+            "rules_fired": self.fired(),
+            "rewrites": [asdict(r) for r in self.rewrites],
+            "not_applied": [asdict(m) for m in self.misses],
+            "rules": self.rules,
+            "verification": self.verification,
+        }
+
+    def render(self, explain=False) -> str:
+        lines = [_op_table(self.before["ops"], self.after["ops"]), ""]
+        for label, key, unit in (("nodes", "nodes", ""), ("parameters", "parameters", ""),
+                                 ("model size", "bytes", " B")):
+            lines.append(f"{label:<12}{self.before[key]:>12,}{unit} -> {self.after[key]:>12,}{unit}")
+        lines.append(f"{'time':<12}{self.seconds:>12.3f} s")
+        fired = self.fired()
+        lines.append("rules fired: " + (", ".join(f"{k} x{v}" for k, v in fired.items()) or "none"))
+        cleaned = {k: v for k, v in self.normalized.items() if v}
+        if cleaned:
+            lines.append("cleaned up:  " + ", ".join(f"{k} x{v}" for k, v in cleaned.items()))
+        if self.verification is not None:
+            culprits = self.verification["culprits"]
+            verdict = "passed" if self.verification["passed"] else "FAILED"
+            blame = f" (rewrites of {', '.join(culprits)} broke it)" if culprits else ""
+            lines.append(f"parity in onnxruntime: {verdict}{blame}")
+        if explain:
+            lines += ["", "not applied:" if self.misses else "not applied: nothing left to explain"]
+            lines += [f"  {m.node}: {m.rule}: {m.reason}" for m in self.misses]
+        elif self.misses:
+            lines.append(f"{len(self.misses)} places a rule did not apply: see --explain")
+        return "\n".join(lines)
+
+
+def _op_table(before: dict, after: dict) -> str:
+    ops = sorted(set(before) | set(after), key=lambda op: (-before.get(op, 0), op))
+    width = max([len(op) for op in ops] + [8])
+    rows = [f"{'op':<{width}}  {'before':>7}  {'after':>7}"]
+    for op in ops:
+        b, a = before.get(op, 0), after.get(op, 0)
+        rows.append(f"{op:<{width}}  {b:>7}  {a:>7}" + ("" if a == b else f"  ({a - b:+d})"))
+    return "\n".join(rows)

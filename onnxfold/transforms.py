@@ -1,0 +1,259 @@
+"""How much: the algebra of every fold, as short pure functions on float64 arrays.
+
+Nothing here knows about graphs. Every function takes arrays (a missing bias is None)
+and returns new arrays; inputs are never modified. The engine casts the results to the
+model's element type once, after all arithmetic is done in float64.
+
+Layouts (ONNX): Conv weight W[O, I/g, k...], ConvTranspose weight W[I, O/g, k...],
+Gemm/MatMul weight B[K, N] (or [N, K] with transB).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRANSFORMS: dict = {}
+
+
+def transform(function):
+    """Register `function` under its own name, for rule files to call."""
+    TRANSFORMS[function.__name__] = function
+    return function
+
+
+# --- BatchNormalization as an affine map y = s*x + t -------------------------------------
+
+def bn_scale_shift(gamma, beta, mean, var, epsilon):
+    scale = gamma / np.sqrt(var + epsilon)
+    return scale, beta - mean * scale
+
+
+def _zeros_if_none(bias, length):
+    return np.zeros(length) if bias is None else bias
+
+
+def _per_channel(vector, axis, ndim):
+    """Reshape a 1-D vector so it broadcasts along `axis` of an ndim-D array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+@transform
+def fold_bn_into_conv(W, B, gamma, beta, mean, var, epsilon):
+    """Conv then BN: W' = W*s[o], b' = s*(b - mean) + beta."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    bias = _zeros_if_none(B, W.shape[0])
+    return W * _per_channel(scale, 0, W.ndim), scale * bias + shift
+
+
+@transform
+def fold_bn_into_conv_transpose(W, B, gamma, beta, mean, var, epsilon, group):
+    """ConvTranspose then BN: output channel (group q, j) lives at W[q*I/g:(q+1)*I/g, j]."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    in_channels, out_per_group = W.shape[0], W.shape[1]
+    grouped = W.reshape(group, in_channels // group, out_per_group, *W.shape[2:])
+    group_scale = scale.reshape(group, 1, out_per_group, *([1] * (W.ndim - 2)))
+    bias = _zeros_if_none(B, scale.shape[0])
+    return (grouped * group_scale).reshape(W.shape), scale * bias + shift
+
+
+@transform
+def fold_bn_into_gemm(B, C, gamma, beta, mean, var, epsilon, gemm_beta, trans_b):
+    """Gemm then BN over the N features: scale the columns of op(B); C' = s*beta*C + t."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    scaled = B * (scale[:, None] if trans_b else scale[None, :])
+    if C is None:
+        return scaled, shift
+    return scaled, scale * gemm_beta * C + shift
+
+
+@transform
+def fold_bn_into_matmul(W, C, gamma, beta, mean, var, epsilon):
+    """MatMul(x, W) (+ C) then BN over the last axis: W' = W*s[col], C' = s*C + t."""
+    return fold_bn_into_gemm(W, C, gamma, beta, mean, var, epsilon, 1.0, False)
+
+
+@transform
+def fold_bn_into_next_conv(W, B, gamma, beta, mean, var, epsilon, group):
+    """BN then an unpadded Conv: W'[o,i] = W[o,i]*s[i], b' = b + sum W[o,i]*t[i]."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    out_channels, in_per_group = W.shape[0], W.shape[1]
+    spatial = (1,) * (W.ndim - 2)
+    # Input channel j of output channel o is global channel (o // (O/g)) * (I/g) + j.
+    grouped = W.reshape(group, out_channels // group, in_per_group, *W.shape[2:])
+    group_scale = scale.reshape(group, 1, in_per_group, *spatial)
+    group_shift = shift.reshape(group, 1, in_per_group, *spatial)
+    bias = _zeros_if_none(B, out_channels)
+    added = (grouped * group_shift).reshape(out_channels, -1).sum(axis=1)
+    return (grouped * group_scale).reshape(W.shape), bias + added
+
+
+# --- per-channel constants after a Conv -------------------------------------------------
+
+def channel_vector(constant, channels):
+    """The per-output-channel values of a constant that broadcasts as [1, O, 1, ...]."""
+    flat = np.asarray(constant).reshape(-1)
+    return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
+
+
+@transform
+def scale_conv(W, B, factor):
+    """Conv then Mul(c): W*c[o], b*c[o]."""
+    scale = channel_vector(factor, W.shape[0])
+    bias = _zeros_if_none(B, W.shape[0])
+    return W * _per_channel(scale, 0, W.ndim), bias * scale
+
+
+@transform
+def shift_conv(W, B, offset):
+    """Conv then Add(c): b + c[o]."""
+    return W, _zeros_if_none(B, W.shape[0]) + channel_vector(offset, W.shape[0])
+
+
+@transform
+def negate(W, B):
+    """The branch -Conv(x): -W, -b."""
+    return -W, -_zeros_if_none(B, W.shape[0])
+
+
+# --- branches expressed as kernels ---------------------------------------------------------
+
+def _channel_diagonal(channels, in_per_group, spatial):
+    """Kernel [C, C/g, *spatial] with 1 on the channel diagonal: K[o, o mod (C/g)] = 1."""
+    kernel = np.zeros((channels, in_per_group, *spatial))
+    rows = np.arange(channels)
+    kernel[rows, rows % in_per_group] = 1.0
+    return kernel
+
+
+@transform
+def identity_branch(W):
+    """x itself, as an unpadded 1x1 kernel in the layout of the conv W it joins.
+
+    Returns (kernel, bias, pads), like every branch-as-kernel transform.
+    """
+    rank = W.ndim - 2
+    kernel = _channel_diagonal(W.shape[0], W.shape[1], (1,) * rank)
+    return kernel, np.zeros(W.shape[0]), [0] * (2 * rank)
+
+
+@transform
+def bn_branch(W, gamma, beta, mean, var, epsilon):
+    """BN(x) as an unpadded 1x1 kernel: the identity kernel times s, bias t."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    kernel, _, pads = identity_branch(W)
+    return kernel * _per_channel(scale, 0, kernel.ndim), shift, pads
+
+
+@transform
+def avgpool_branch(W, kernel_shape, pads):
+    """AveragePool(x) (kernel k) as a conv: 1/prod(k) on the channel diagonal."""
+    kernel = _channel_diagonal(W.shape[0], W.shape[1], tuple(kernel_shape))
+    return kernel / float(np.prod(kernel_shape)), np.zeros(W.shape[0]), list(pads)
+
+
+@transform
+def pointwise_then_avgpool(W, kernel_shape):
+    """1x1 conv then AveragePool(k): a k x k conv with W/prod(k) at every tap, dilation 1."""
+    spread = np.broadcast_to(W, (*W.shape[:2], *kernel_shape)) / float(np.prod(kernel_shape))
+    return spread.copy(), [1] * len(kernel_shape)
+
+
+# --- parallel branches summed ----------------------------------------------------------------
+
+def branch_offsets(kernel, pads, target_kernel, target_pads, dilations):
+    """Where a kernel sits inside a larger one so every output sees the same inputs.
+
+    Returns per-axis offsets, or None when the alignment is not exact: the offset
+    (P_begin - p_begin)/d must be whole and non-negative, the kernel must fit, and both
+    convs must produce the same output length for every input length.
+    """
+    rank = len(kernel)
+    offsets = []
+    for axis in range(rank):
+        d, k, K = dilations[axis], kernel[axis], target_kernel[axis]
+        begin, end = pads[axis], pads[axis + rank]
+        target_begin, target_end = target_pads[axis], target_pads[axis + rank]
+        extent = begin + end - d * (k - 1)
+        target_extent = target_begin + target_end - d * (K - 1)
+        shift = target_begin - begin
+        if extent != target_extent or shift < 0 or shift % d:
+            return None
+        if shift // d + k > K:
+            return None
+        offsets.append(shift // d)
+    return offsets
+
+
+def merged_geometry(kernels, pads_list):
+    """The kernel and pads of the merged conv: per axis, those of the largest kernel."""
+    rank = len(kernels[0])
+    target_kernel, begin, end = [], [], []
+    for axis in range(rank):
+        widest = max(range(len(kernels)), key=lambda i: kernels[i][axis])
+        target_kernel.append(kernels[widest][axis])
+        begin.append(pads_list[widest][axis])
+        end.append(pads_list[widest][axis + rank])
+    return target_kernel, begin + end
+
+
+def embed_kernel(W, offsets, target_kernel):
+    """W zero-padded into the target kernel size at the given offsets."""
+    placed = np.zeros((*W.shape[:2], *target_kernel))
+    window = tuple(slice(o, o + k) for o, k in zip(offsets, W.shape[2:]))
+    placed[(slice(None), slice(None), *window)] = W
+    return placed
+
+
+@transform
+def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
+    """Conv_a(x) + Conv_b(x) as one conv; the smaller kernel is embedded in the larger.
+
+    Returns (W, b, pads). The caller has checked `branch_offsets` is not None.
+    """
+    kernels = [Wa.shape[2:], Wb.shape[2:]]
+    target_kernel, target_pads = merged_geometry(kernels, [pads_a, pads_b])
+    total = np.zeros((*Wa.shape[:2], *target_kernel))
+    for W, pads in ((Wa, pads_a), (Wb, pads_b)):
+        offsets = branch_offsets(W.shape[2:], pads, target_kernel, target_pads, dilations)
+        total += embed_kernel(W, offsets, target_kernel)
+    bias = _zeros_if_none(Ba, Wa.shape[0]) + _zeros_if_none(Bb, Wb.shape[0])
+    return total, bias, [int(p) for p in target_pads]
+
+
+# --- sequential convs and linear chains ----------------------------------------------------
+
+@transform
+def conv_then_pointwise(Wa, Ba, Wb, Bb):
+    """K x K conv A then 1x1 conv B (groups 1): W = B.A per tap, b = B.b_A + b_B."""
+    mix = Wb.reshape(Wb.shape[0], Wb.shape[1])
+    weight = np.tensordot(mix, Wa, axes=([1], [0]))
+    bias = mix @ _zeros_if_none(Ba, Wa.shape[0]) + _zeros_if_none(Bb, Wb.shape[0])
+    return weight, bias
+
+
+@transform
+def pointwise_then_conv(Wa, Ba, Wb, Bb):
+    """1x1 conv A then K x K conv B (groups 1): W = B.A per tap, b = b_B + sum B.b_A."""
+    mix = Wa.reshape(Wa.shape[0], Wa.shape[1])
+    weight = np.einsum("po...,oi->pi...", Wb, mix)
+    spatial = tuple(range(2, Wb.ndim))
+    carried = Wb.sum(axis=spatial) @ _zeros_if_none(Ba, Wa.shape[0])
+    return weight, _zeros_if_none(Bb, Wb.shape[0]) + carried
+
+
+@transform
+def matmul_chain(A, a, B, b):
+    """(xA + a)B + b = x(AB) + (aB + b)."""
+    bias_a = np.broadcast_to(_zeros_if_none(a, A.shape[1]), (*np.shape(a)[:-1], A.shape[1]))
+    bias = bias_a @ B + _zeros_if_none(b, B.shape[1])
+    return A @ B, bias
+
+
+@transform
+def gemm_as_matmul(B, C, alpha, gemm_beta, trans_b):
+    """Gemm(x, B, C) with transA=0 as x @ B' + C'."""
+    weight = (B.T if trans_b else B) * alpha
+    bias = None if C is None else np.asarray(C) * gemm_beta
+    return weight, bias
