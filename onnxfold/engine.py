@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, constant_values, is_constant, producer
-from .pattern import Match, match_at
+from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer
+from .pattern import Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
 from .transforms import TRANSFORMS
@@ -52,7 +52,7 @@ class Engine:
         self.misses: dict = {}  # (rule, node name) -> reason, the latest seen
 
     def run(self) -> None:
-        budget = len(self.graph.nodes) + 1
+        budget = len(self.rewrites) + len(self.graph.nodes) + 1
         while self._sweep(self._live_nodes()):
             if len(self.rewrites) > budget:
                 raise RuntimeError("rewriting did not converge; a rule does not shrink the graph")
@@ -85,15 +85,15 @@ class Engine:
     def _rewrite_at(self, node) -> list:
         """Apply the first rule that fires at `node`; return the nodes to look at again."""
         for rule in self.rules_by_op.get(node.op, ()):
-            match = match_at(rule, node)
-            if match is None:
-                continue
-            reason, computed = self._evaluate(rule, match)
-            if reason:
-                self.misses[(rule.name, node.name)] = reason
-                continue
-            self.misses.pop((rule.name, node.name), None)
-            return self._apply(rule, match, computed)
+            first_reason = None
+            for match in matches_at(rule, node):
+                reason, computed = self._evaluate(rule, match)
+                if not reason:
+                    self.misses.pop((rule.name, node.name), None)
+                    return self._apply(rule, match, computed)
+                first_reason = first_reason or reason
+            if first_reason:
+                self.misses[(rule.name, node.name)] = first_reason
         return []
 
     # --- deciding ------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class Engine:
     def _apply(self, rule, match, computed) -> list:
         root_tensor = match.values[rule.root.targets[0]]
         dtype = _site_dtype(match)
-        old_nodes = list(match.nodes.values())
+        old_nodes = [match.nodes[line.text] for line in rule.pattern]
         first_name = match.nodes[rule.pattern[0].text].name
         neighbours = [t for node in old_nodes for t in node.inputs]
         attrs = [_result_attributes(line, match, computed) for line in rule.result]
@@ -150,6 +150,7 @@ class Engine:
             node = self._build_node(line, index, first_name, scope, computed, match, dtype, root_tensor)
             node.attrs.update(attrs[index])
             self.graph.nodes.append(node)
+            infer_output_shapes(node, self.graph.opset)
             new_nodes.append(node)
         self.rewrites.append(Rewrite(rule.name, [n.name for n in old_nodes], [n.name for n in new_nodes]))
         follow = list(new_nodes)

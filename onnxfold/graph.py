@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
@@ -65,3 +66,33 @@ def rank_of(tensor):
     if tensor is None or tensor.shape is None:
         return None
     return len(tensor.shape)
+
+
+def infer_output_shapes(node, opset) -> None:
+    """Give a new node's untyped outputs their shapes, from ONNX's per-node inference.
+
+    Later rules check ranks and shapes of values earlier rewrites created. Where a shape
+    cannot be inferred it stays unknown, and rules that need it do not fire.
+    """
+    present = [t for t in node.inputs if t.name]
+    if any(t.dtype is None or t.shape is None for t in present):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op, opset, node.domain or "")
+        types = {t.name: onnx.helper.make_tensor_type_proto(_onnx_type(t.dtype), t.shape) for t in present}
+        data = {t.name: onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+                for t in present if is_constant(t) and np.asarray(t.values).size <= 64}
+        proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs],
+                                      [t.name for t in node.outputs], **node.attrs)
+        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)
+    except Exception:  # noqa: BLE001 - any inference failure just leaves shapes unknown
+        return
+    for tensor in node.outputs:
+        kind = inferred.get(tensor.name)
+        if tensor.shape is None and kind is not None and kind.tensor_type.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                            for d in kind.tensor_type.shape.dim]
+
+
+def _onnx_type(dtype) -> int:
+    return dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

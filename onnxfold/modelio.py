@@ -77,7 +77,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         return
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
 
 

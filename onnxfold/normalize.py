@@ -13,15 +13,18 @@ import onnx_graphsurgeon as gs
 from .graph import attributes, is_constant, producer
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
+_COUNTS = ("constant-nodes", "constant-subgraphs", "identity-and-dropout", "neutral-elementwise",
+           "identity-reshape")
 _PASS_THROUGH = {"Identity", "Dropout"}
 
 
 def normalize(graph: gs.Graph) -> dict:
     """Run every clean-up once; return how many nodes each removed."""
-    counts = {"constant-nodes": _constant_nodes_to_weights(graph)}
+    graph.cleanup()  # drop nodes an earlier rewrite disconnected
+    _name_nodes(graph)
+    counts = dict.fromkeys(_COUNTS, 0)
+    counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
-    counts["identity-and-dropout"] = 0
-    counts["neutral-elementwise"] = 0
     for node in list(graph.nodes):
         if node.op in _PASS_THROUGH and _is_pass_through(node):
             counts["identity-and-dropout"] += _bypass(graph, node)
@@ -29,8 +32,28 @@ def normalize(graph: gs.Graph) -> dict:
             data = _neutral_operand(node)
             if data is not None:
                 counts["neutral-elementwise"] += _bypass(graph, node, data)
+        elif node.op == "Reshape" and _is_identity_reshape(node):
+            counts["identity-reshape"] += _bypass(graph, node)
     graph.cleanup()
     return counts
+
+
+def _name_nodes(graph) -> None:
+    """Give every node a unique name: reports and rewrites refer to nodes by name."""
+    used = {node.name for node in graph.nodes if node.name}
+    seen = set()
+    for index, node in enumerate(graph.nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.name or node.op}_{index}"
+        name, counter = base, 0
+        while name in used:
+            counter += 1
+            name = f"{base}_{counter}"
+        node.name = name
+        used.add(name)
+        seen.add(name)
 
 
 def _constant_nodes_to_weights(graph) -> int:
@@ -62,14 +85,53 @@ def _constant_node_values(node):
 
 
 def _fold_constant_subgraphs(graph) -> int:
-    """Evaluate nodes whose inputs are all constants (onnx-graphsurgeon runs them in ORT)."""
-    foldable = [n for n in graph.nodes if n.inputs and n.op != "Constant"
-                and all(is_constant(t) or t.name == "" for t in n.inputs)]
-    if not foldable:
+    """Evaluate what only depends on constants and static shapes.
+
+    onnx-graphsurgeon runs the foldable part in onnxruntime; it is only called when there
+    is something to fold, since it copies the graph to do it.
+    """
+    _cast_like_constants(graph)
+    if not any(_foldable(node) for node in graph.nodes):
         return 0
     before = len(graph.nodes)
-    graph.fold_constants(fold_shapes=False, error_ok=True).cleanup()
+    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
     return before - len(graph.nodes)
+
+
+def _foldable(node) -> bool:
+    if node.op == "Shape":
+        shape = node.inputs[0].shape
+        return shape is not None and all(isinstance(d, int) for d in shape)
+    return bool(node.inputs) and node.op != "Constant" and \
+        all(is_constant(t) or t.name == "" for t in node.inputs)
+
+
+def _cast_like_constants(graph) -> None:
+    """CastLike(constant, x) with x's type known is a constant (the dynamo exporter's habit)."""
+    for node in graph.nodes:
+        if node.op != "CastLike" or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
+            continue
+        values = np.asarray(node.inputs[0].values).astype(node.inputs[1].dtype)
+        result = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        result.to_constant(values)
+
+
+def _is_identity_reshape(node) -> bool:
+    """A Reshape whose input already has the (static) shape it asks for."""
+    data, target = node.inputs[0], node.inputs[1]
+    if not is_constant(target) or data.shape is None or not all(isinstance(d, int) for d in data.shape):
+        return False
+    spec = np.asarray(target.values).reshape(-1).tolist()
+    if len(spec) != len(data.shape):
+        return False
+    copy_zero = not attributes(node)["allowzero"]
+    resolved = [data.shape[i] if (d == 0 and copy_zero) else d for i, d in enumerate(spec)]
+    if resolved.count(-1) == 1:
+        known = int(np.prod([d for d in resolved if d != -1]))
+        resolved[resolved.index(-1)] = int(np.prod(data.shape)) // known if known else -1
+    return resolved == list(data.shape)
 
 
 def _is_pass_through(node) -> bool:

@@ -33,7 +33,12 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
     graph.toposort()
     normalized = normalize(graph)
     engine = Engine(graph, rules)
-    engine.run()
+    while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
+        engine.run()
+        again = normalize(graph)
+        normalized = {key: normalized[key] + again[key] for key in normalized}
+        if not any(again.values()):
+            break
     graph.cleanup().toposort()
     optimized = _export(graph, model)
     report = Report(

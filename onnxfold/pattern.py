@@ -19,12 +19,11 @@ class Match:
     nodes: dict  # pattern line text -> graph node
 
 
-def match_at(rule: Rule, node) -> Match | None:
-    """The first way `rule`'s pattern matches with its root line at `node`, if any."""
+def matches_at(rule: Rule, node):
+    """Every way `rule`'s pattern matches with its root line at `node` (operand orders)."""
     producers = rule.producers
     for values, nodes in _match_line(rule.root, node, {}, {}, producers):
-        return Match(values, nodes)
-    return None
+        yield Match(values, nodes)
 
 
 def _match_line(line, node, values, nodes, producers):

@@ -87,8 +87,9 @@ def weight_rank_is(weight, rank):
 @predicate
 def reshape_keeps_features(shape, weight):
     """Reshape to [rows, N]: the feature axis survives, so a per-column scale commutes."""
-    if not is_constant(shape):
-        return f"the target shape '{shape.name}' is computed at run time"
+    reason = constant(shape)
+    if reason:
+        return reason
     target = constant_values(shape).reshape(-1).tolist()
     if len(target) != 2 or target[-1] != weight.shape[-1]:
         return f"Reshape to {target} does not keep the {weight.shape[-1]} features as axis 1 of a 2-D tensor"
@@ -141,6 +142,29 @@ def pointwise(conv_output):
 
 
 @predicate
+def unit_kernel(conv_output):
+    """A 1x1 conv with stride 1 and one group; it may pad (DBB pads the 1x1, not the KxK)."""
+    node = _node(conv_output)
+    attrs = attributes(node)
+    if any(k != 1 for k in _weight_shape(conv_output)[2:]):
+        return f"'{node.name}' is not 1x1"
+    if any(s != 1 for s in attrs["strides"]) or attrs["group"] != 1:
+        return f"'{node.name}' has a stride or groups"
+    return None
+
+
+@predicate
+def fixed_reshape(shape):
+    """A stored target shape with no 0 (copy-a-dimension) entries: it ignores its input's shape."""
+    reason = constant(shape)
+    if reason:
+        return reason
+    if 0 in constant_values(shape).reshape(-1).tolist():
+        return f"the target shape {constant_values(shape).tolist()} copies dimensions from its input"
+    return None
+
+
+@predicate
 def single_group(*conv_outputs):
     """Every conv has group 1 (a fold across grouped convs would densify them)."""
     for value in conv_outputs:
@@ -180,6 +204,22 @@ def same_geometry(conv_a, conv_b):
             return f"'{a.name}' and '{b.name}' differ in {key} ({value} vs {_geometry(b)[key]})"
     if _weight_shape(conv_a)[:2] != _weight_shape(conv_b)[:2]:
         return f"'{a.name}' and '{b.name}' have different channel counts"
+    return None
+
+
+@predicate
+def dense_and_grouped(dense_output, grouped_output):
+    """An ungrouped conv beside a grouped one of equal strides, dilations and channels."""
+    dense, grouped = _node(dense_output), _node(grouped_output)
+    group = attributes(grouped)["group"]
+    if attributes(dense)["group"] != 1 or group == 1:
+        return f"'{dense.name}' is not ungrouped beside a grouped '{grouped.name}'"
+    for key in ("strides", "dilations"):
+        if _geometry(dense)[key] != _geometry(grouped)[key]:
+            return f"'{dense.name}' and '{grouped.name}' differ in {key}"
+    dense_shape, grouped_shape = _weight_shape(dense_output), _weight_shape(grouped_output)
+    if dense_shape[0] != grouped_shape[0] or dense_shape[1] != grouped_shape[1] * group:
+        return f"'{dense.name}' and '{grouped.name}' have different channel counts"
     return None
 
 

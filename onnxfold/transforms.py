@@ -154,6 +154,30 @@ def avgpool_branch(W, kernel_shape, pads):
 
 
 @transform
+def avgpool_bn_as_conv(kernel_shape, gamma, beta, mean, var, epsilon):
+    """AveragePool(k) then BN: a depthwise conv with s/prod(k) at every tap, bias t.
+
+    Returns (W, b, group).
+    """
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    channels = scale.shape[0]
+    kernel = np.ones((channels, 1, *kernel_shape)) / float(np.prod(kernel_shape))
+    return kernel * _per_channel(scale, 0, kernel.ndim), shift, channels
+
+
+@transform
+def ungroup(W, group):
+    """A grouped conv's weight as the block-diagonal weight of an ungrouped conv."""
+    out_channels, in_per_group = W.shape[0], W.shape[1]
+    out_per_group = out_channels // group
+    dense = np.zeros((out_channels, in_per_group * group, *W.shape[2:]))
+    for q in range(group):
+        rows = slice(q * out_per_group, (q + 1) * out_per_group)
+        dense[rows, q * in_per_group:(q + 1) * in_per_group] = W[rows]
+    return dense
+
+
+@transform
 def pointwise_then_avgpool(W, kernel_shape):
     """1x1 conv then AveragePool(k): a k x k conv with W/prod(k) at every tap, dilation 1."""
     spread = np.broadcast_to(W, (*W.shape[:2], *kernel_shape)) / float(np.prod(kernel_shape))
@@ -223,6 +247,12 @@ def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
 
 
 # --- sequential convs and linear chains ----------------------------------------------------
+
+@transform
+def add_pads(first_pads, second_pads):
+    """Pads of a 1x1 (stride 1) followed by a windowed op: the two paddings add up."""
+    return [int(a) + int(b) for a, b in zip(first_pads, second_pads)]
+
 
 @transform
 def conv_then_pointwise(Wa, Ba, Wb, Bb):

@@ -1,0 +1,248 @@
+"""The algebra alone, property-based: random shapes, groups, strides, dilations and pads.
+
+Each test builds the unfolded graph and the graph with the transform's weights, and runs
+both in onnxruntime. No engine or rule is involved, so a failure here is in the arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfold import transforms
+
+from .helpers import run
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+def graph_model(nodes, weights, input_shape, output_rank):
+    """A float32 model: input x, output y, the given nodes and weights."""
+    inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in weights.items()]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * output_rank)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def outputs_agree(before, after, input_shape, seed=0):
+    x = np.random.default_rng(seed).uniform(-1, 1, input_shape).astype(np.float32)
+    expected, actual = run(before, {"x": x})["y"], run(after, {"x": x})["y"]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
+
+
+def bn_params(rng, channels):
+    return dict(gamma=rng.normal(size=channels), beta=rng.normal(size=channels),
+                mean=rng.normal(size=channels), var=rng.uniform(0.2, 2.0, size=channels))
+
+
+@st.composite
+def conv_setups(draw, max_rank=2):
+    rank = draw(st.integers(1, max_rank))
+    group = draw(st.sampled_from([1, 2]))
+    in_channels = group * draw(st.integers(1, 3))
+    out_channels = group * draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
+    strides = [draw(st.integers(1, 2)) for _ in range(rank)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(rank)]
+    pads = [draw(st.integers(0, 2)) for _ in range(2 * rank)]
+    size = [draw(st.integers(5, 8)) for _ in range(rank)]
+    return dict(rank=rank, group=group, in_channels=in_channels, out_channels=out_channels,
+                kernel=kernel, strides=strides, dilations=dilations, pads=pads,
+                input_shape=[1, in_channels, *size], bias=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+
+
+def conv_node(setup, inputs, output):
+    return helper.make_node("Conv", inputs, [output], group=setup["group"], strides=setup["strides"],
+                            dilations=setup["dilations"], pads=setup["pads"])
+
+
+@SETTINGS
+@given(conv_setups(max_rank=3))
+def test_bn_after_conv(setup):
+    rng = np.random.default_rng(setup["seed"])
+    O, rank = setup["out_channels"], setup["rank"]
+    W = rng.normal(size=(O, setup["in_channels"] // setup["group"], *setup["kernel"]))
+    B = rng.normal(size=O) if setup["bias"] else None
+    bn = bn_params(rng, O)
+    inputs = ["x", "W", "B"] if setup["bias"] else ["x", "W"]
+    before = graph_model(
+        [conv_node(setup, inputs, "c"),
+         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-3)],
+        {"W": W, **({"B": B} if setup["bias"] else {}), **bn}, setup["input_shape"], rank + 2)
+    W2, B2 = transforms.fold_bn_into_conv(W, B, **bn, epsilon=1e-3)
+    after = graph_model([conv_node(setup, ["x", "W", "B"], "y")], {"W": W2, "B": B2},
+                        setup["input_shape"], rank + 2)
+    outputs_agree(before, after, setup["input_shape"])
+
+
+@SETTINGS
+@given(conv_setups(), st.integers(1, 2))
+def test_bn_after_conv_transpose(setup, stride):
+    rng = np.random.default_rng(setup["seed"])
+    g, I, O = setup["group"], setup["in_channels"], setup["out_channels"]
+    W = rng.normal(size=(I, O // g, *setup["kernel"]))
+    bn = bn_params(rng, O)
+    strides = [stride] * setup["rank"]
+    before = graph_model(
+        [helper.make_node("ConvTranspose", ["x", "W"], ["c"], group=g, strides=strides),
+         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])],
+        {"W": W, **bn}, setup["input_shape"], setup["rank"] + 2)
+    W2, B2 = transforms.fold_bn_into_conv_transpose(W, None, **bn, epsilon=1e-5, group=g)
+    after = graph_model([helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], group=g, strides=strides)],
+                        {"W": W2, "B": B2}, setup["input_shape"], setup["rank"] + 2)
+    outputs_agree(before, after, setup["input_shape"])
+
+
+@SETTINGS
+@given(conv_setups())
+def test_bn_before_unpadded_conv(setup):
+    setup = {**setup, "pads": [0] * (2 * setup["rank"])}
+    rng = np.random.default_rng(setup["seed"])
+    I, O, g = setup["in_channels"], setup["out_channels"], setup["group"]
+    W = rng.normal(size=(O, I // g, *setup["kernel"]))
+    bn = bn_params(rng, I)
+    before = graph_model(
+        [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["b"]),
+         conv_node(setup, ["b", "W"], "y")],
+        {"W": W, **bn}, setup["input_shape"], setup["rank"] + 2)
+    W2, B2 = transforms.fold_bn_into_next_conv(W, None, **bn, epsilon=1e-5, group=g)
+    after = graph_model([conv_node(setup, ["x", "W", "B"], "y")], {"W": W2, "B": B2},
+                        setup["input_shape"], setup["rank"] + 2)
+    outputs_agree(before, after, setup["input_shape"])
+
+
+@st.composite
+def branch_pairs(draw):
+    """Two convs of one input whose outputs have the same size, aligned or not."""
+    setup = draw(conv_setups())
+    rank, d = setup["rank"], setup["dilations"]
+    kernel_b = [draw(st.integers(1, 3)) for _ in range(rank)]
+    pads_b = [draw(st.integers(0, 2)) for _ in range(2 * rank)]
+    if draw(st.booleans()):  # same output size on purpose, so merges are common
+        for axis in range(rank):
+            total = setup["pads"][axis] + setup["pads"][axis + rank] - d[axis] * (setup["kernel"][axis] - kernel_b[axis])
+            if total >= 0:
+                pads_b[axis] = draw(st.integers(0, total))
+                pads_b[axis + rank] = total - pads_b[axis]
+    return setup, kernel_b, pads_b
+
+
+def _out_size(size, kernel, pad_begin, pad_end, stride, dilation):
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(branch_pairs())
+def test_parallel_branches_merge_exactly_whenever_they_align(branch_pair):
+    setup, kernel_b, pads_b = branch_pair
+    rank, d = setup["rank"], setup["dilations"]
+    sizes = setup["input_shape"][2:]
+    for axis in range(rank):
+        same = [_out_size(sizes[axis], k, p[axis], p[axis + rank], setup["strides"][axis], d[axis])
+                for k, p in ((setup["kernel"][axis], setup["pads"]), (kernel_b[axis], pads_b))]
+        if same[0] != same[1] or same[0] < 1:
+            event("different output sizes")
+            return  # outputs of different size cannot be added
+    target_kernel, target_pads = transforms.merged_geometry([setup["kernel"], kernel_b], [setup["pads"], pads_b])
+    aligned = all(transforms.branch_offsets(k, p, target_kernel, target_pads, d) is not None
+                  for k, p in ((setup["kernel"], setup["pads"]), (kernel_b, pads_b)))
+    if not aligned:
+        event("not aligned")
+        return
+    event("merged")
+    rng = np.random.default_rng(setup["seed"])
+    O, I, g = setup["out_channels"], setup["in_channels"], setup["group"]
+    Wa, Wb = rng.normal(size=(O, I // g, *setup["kernel"])), rng.normal(size=(O, I // g, *kernel_b))
+    Ba, Bb = rng.normal(size=O), rng.normal(size=O)
+    second = {**setup, "pads": pads_b}
+    before = graph_model(
+        [conv_node(setup, ["x", "Wa", "Ba"], "a"), conv_node(second, ["x", "Wb", "Bb"], "b"),
+         helper.make_node("Add", ["a", "b"], ["y"])],
+        {"Wa": Wa, "Ba": Ba, "Wb": Wb, "Bb": Bb}, setup["input_shape"], rank + 2)
+    W, B, P = transforms.add_conv_branches(Wa, Ba, setup["pads"], Wb, Bb, pads_b, d)
+    after = graph_model([conv_node({**setup, "pads": P}, ["x", "W", "B"], "y")], {"W": W, "B": B},
+                        setup["input_shape"], rank + 2)
+    outputs_agree(before, after, setup["input_shape"])
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 99))
+def test_sequential_convs(channels, kernel, out_channels, seed):
+    rng = np.random.default_rng(seed)
+    shape = [1, channels, 7, 7]
+    A, a = rng.normal(size=(channels, channels, kernel, kernel)), rng.normal(size=channels)
+    P, p = rng.normal(size=(out_channels, channels, 1, 1)), rng.normal(size=out_channels)
+    before = graph_model([helper.make_node("Conv", ["x", "A", "a"], ["h"], pads=[1, 1, 1, 1]),
+                          helper.make_node("Conv", ["h", "P", "p"], ["y"])],
+                         {"A": A, "a": a, "P": P, "p": p}, shape, 4)
+    W, B = transforms.conv_then_pointwise(A, a, P, p)
+    after = graph_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
+                        {"W": W, "B": B}, shape, 4)
+    outputs_agree(before, after, shape)
+    # and the other order: 1x1 (bias, padded) then an unpadded K x K
+    K = rng.normal(size=(out_channels, channels, kernel, kernel))
+    Q = rng.normal(size=(channels, channels, 1, 1))
+    before = graph_model([helper.make_node("Conv", ["x", "Q", "a"], ["h"], pads=[1, 1, 1, 1]),
+                          helper.make_node("Conv", ["h", "K", "p"], ["y"])],
+                         {"Q": Q, "a": a, "K": K, "p": p}, shape, 4)
+    W, B = transforms.pointwise_then_conv(Q, a, K, p)
+    after = graph_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
+                        {"W": W, "B": B}, shape, 4)
+    outputs_agree(before, after, shape)
+
+
+@SETTINGS
+@given(st.integers(1, 5), st.integers(1, 5), st.booleans(), st.floats(0.25, 3), st.floats(-2, 2),
+       st.integers(0, 99))
+def test_gemm_then_bn(features, inputs, trans_b, alpha, beta, seed):
+    rng = np.random.default_rng(seed)
+    B = rng.normal(size=(features, inputs) if trans_b else (inputs, features))
+    C, bn = rng.normal(size=features), bn_params(rng, features)
+    shape = [3, inputs]
+    before = graph_model(
+        [helper.make_node("Gemm", ["x", "B", "C"], ["g"], alpha=alpha, beta=beta, transB=int(trans_b)),
+         helper.make_node("BatchNormalization", ["g", "gamma", "beta", "mean", "var"], ["y"])],
+        {"B": B, "C": C, **bn}, shape, 2)
+    B2, C2 = transforms.fold_bn_into_gemm(B, C, **bn, epsilon=1e-5, gemm_beta=beta, trans_b=trans_b)
+    after = graph_model([helper.make_node("Gemm", ["x", "B", "C"], ["y"], alpha=alpha, transB=int(trans_b))],
+                        {"B": B2, "C": C2}, shape, 2)
+    outputs_agree(before, after, shape)
+
+
+def test_transforms_never_modify_their_inputs():
+    rng = np.random.default_rng(0)
+    W, B = rng.normal(size=(4, 4, 3, 3)), rng.normal(size=4)
+    bn = bn_params(rng, 4)
+    copies = [W.copy(), B.copy()] + [v.copy() for v in bn.values()]
+    transforms.fold_bn_into_conv(W, B, **bn, epsilon=1e-5)
+    transforms.add_conv_branches(W, B, [1] * 4, W[:, :, :1, :1], B, [0] * 4, [1, 1])
+    transforms.bn_branch(W, **bn, epsilon=1e-5)
+    for before, after in zip(copies, [W, B, *bn.values()]):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_identity_kernel_is_the_identity_for_every_group():
+    for group in (1, 2, 4):
+        W = np.zeros((4, 4 // group, 3, 3))
+        kernel, bias, pads = transforms.identity_branch(W)
+        model = graph_model([helper.make_node("Conv", ["x", "K"], ["y"], group=group)], {"K": kernel},
+                            [1, 4, 5, 5], 4)
+        x = np.random.default_rng(group).normal(size=(1, 4, 5, 5)).astype(np.float32)
+        np.testing.assert_allclose(run(model, {"x": x})["y"], x, rtol=1e-6)
+        assert pads == [0, 0, 0, 0] and not bias.any()
+
+
+def test_fold_keeps_float16_rounding_to_one_cast():
+    """Folding in float64 then casting once beats folding in float16."""
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(8, 8, 3, 3)).astype(np.float16)
+    bn = {k: v.astype(np.float16) for k, v in bn_params(rng, 8).items()}
+    exact = transforms.fold_bn_into_conv(W.astype(np.float64), None,
+                                         **{k: v.astype(np.float64) for k, v in bn.items()}, epsilon=1e-5)[0]
+    once = exact.astype(np.float16)
+    assert np.abs(once.astype(np.float64) - exact).max() <= np.abs(exact).max() * 2 ** -10
+    assert onnx.helper.np_dtype_to_tensor_dtype(once.dtype) == TensorProto.FLOAT16
