@@ -17,8 +17,8 @@ import click
 
 from . import __version__
 from .errors import OnnxfoldError
-from .modelio import load_model, save_model, write_text
-from .optimize import optimize, select_rules
+from .jobs import BAD_INPUT, FAILED, OK, JobOptions, batch_inputs, optimize_file, optimize_many
+from .modelio import write_text
 from .ruleset import load_rules
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
@@ -57,8 +57,10 @@ def main():
 
 
 @main.command("optimize")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out-dir", type=click.Path(path_type=Path),
+              help="Batch mode: optimize every input (files, or folders of .onnx) into DIR.")
+@click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Batch mode: processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--only", help="Run only these rules (comma-separated).")
 @click.option("--skip", help="Do not run these rules (comma-separated).")
@@ -67,37 +69,80 @@ def main():
 @click.option("--explain", is_flag=True, help="Say why rules did not apply where they nearly did.")
 @click.option("--verify", "verify", is_flag=True, help="Check parity in onnxruntime before writing.")
 @click.option("--keep-failed", is_flag=True, help="With --verify: write TARGET even if parity fails.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in TARGET.data (default: as the input did, or when over 2 GB).")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_handle_errors
-def optimize_command(source, target, json_path, only, skip, rule_dirs, explain, verify,
-                     keep_failed, force, quiet):
-    """Optimize SOURCE and write the result to TARGET."""
-    if _same_file(source, target) and not force:
-        raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
-    rules = select_rules(load_rules(rule_dirs), _names(only), _names(skip))
-    model = load_model(source)
-    optimized, report = optimize(model, rules=rules)
-    passed = True
-    if verify:
-        from .culprit import verify_optimization
+def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
+                     keep_failed, external_data, force, quiet):
+    """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR.
 
-        report.verification = verify_optimization(model, optimized, rules, report)
-        passed = report.verification["passed"]
-    if passed or keep_failed:
-        save_model(optimized, target)
+    \b
+    onnxfold optimize model.onnx model.opt.onnx
+    onnxfold optimize models/ extra.onnx --out-dir optimized/ -j 2
+    """
+    options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data)
+    if out_dir is None:
+        if len(paths) != 2:
+            raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
+        result = optimize_file(*paths, options)
+        _report_single(result, json_path, explain, quiet)
+        sys.exit(_EXIT[result.status])
+    results = _run_batch(batch_inputs(paths), out_dir, options, jobs, quiet)
     if json_path:
-        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text(json_path, json.dumps([_job_dict(r) for r in results], indent=2) + "\n")
+    sys.exit(max(_EXIT[r.status] for r in results))
+
+
+_EXIT = {OK: 0, FAILED: EXIT_FAILED, BAD_INPUT: EXIT_BAD_INPUT}
+
+
+def _report_single(result, json_path, explain, quiet):
+    for warning in result.warnings:
+        click.echo(f"onnxfold: warning: {warning}", err=True)
+    if result.error:
+        click.echo(f"onnxfold: error: {result.error}", err=True)
+        return
+    if json_path:
+        write_text(json_path, json.dumps(result.report.to_dict(), indent=2) + "\n")
     if not quiet:
-        click.echo(report.render(explain=explain))
-        click.echo(f"wrote {target}" if passed or keep_failed else f"parity failed: {target} not written")
-    sys.exit(0 if passed else EXIT_FAILED)
+        click.echo(result.report.render(explain=explain))
+        click.echo(f"wrote {result.target}" if result.written else f"parity failed: {result.target} not written")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+def _run_batch(sources, out_dir, options, jobs, quiet):
+    with click.progressbar(length=len(sources), label="optimizing", file=sys.stderr,
+                           hidden=quiet or not sys.stderr.isatty()) as bar:
+        results = optimize_many(sources, out_dir, options, jobs, on_done=lambda _: bar.update(1))
+    if not quiet:
+        click.echo(_batch_table(results))
+    for result in results:
+        for warning in result.warnings:
+            click.echo(f"onnxfold: warning: {warning}", err=True)
+        if result.error:
+            click.echo(f"onnxfold: error: {result.error}", err=True)
+    return results
+
+
+def _batch_table(results) -> str:
+    width = max(len(Path(r.source).name) for r in results)
+    rows = [f"{'model':<{width}}  {'status':<13}  {'nodes':>15}  {'seconds':>8}"]
+    for r in results:
+        nodes, seconds = "", ""
+        if r.report is not None:
+            nodes = f"{r.report.before['nodes']} -> {r.report.after['nodes']}"
+            seconds = f"{r.report.seconds:.3f}"
+        rows.append(f"{Path(r.source).name:<{width}}  {r.status:<13}  {nodes:>15}  {seconds:>8}")
+    failed = sum(r.status != OK for r in results)
+    rows.append(f"{len(results) - failed} of {len(results)} optimized" + (f", {failed} failed" if failed else ""))
+    return "\n".join(rows)
+
+
+def _job_dict(result) -> dict:
+    return {"source": result.source, "target": result.target, "status": result.status,
+            "error": result.error, "warnings": result.warnings, "written": result.written,
+            "report": result.report.to_dict() if result.report is not None else None}
 
 
 @main.command("rules")

@@ -17,6 +17,11 @@ PROTOBUF_LIMIT = 2**31 - 2**24
 
 def load_model(path) -> onnx.ModelProto:
     """Read an ONNX model with its external data, or raise OnnxfoldError naming the problem."""
+    return read_model(path)[0]
+
+
+def read_model(path):
+    """(model with its external data loaded, whether the file kept weights outside)."""
     path = Path(path)
     if not path.exists():
         raise OnnxfoldError("no such file", path)
@@ -30,8 +35,22 @@ def load_model(path) -> onnx.ModelProto:
         raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
-    _load_external_data(model, path)
-    return model
+    external = uses_external_data(model)
+    if external:
+        _load_external_data(model, path)
+    return model, external
+
+
+def checker_complaint(model: onnx.ModelProto, path) -> str | None:
+    """What onnx.checker says against the model, if anything (the model may still run)."""
+    try:
+        if tensor_bytes(model) > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, OSError) as error:
+        return _first_line(error)
+    return None
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -62,7 +81,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
                             size_threshold=1024)
         except (OSError, ValueError) as error:
             raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
-        if external_data:
+        if (Path(scratch) / data_name).exists():  # tensors under 1 KiB stay inline
             os.replace(Path(scratch) / data_name, folder / data_name)
         os.replace(staged, path)
 
@@ -73,8 +92,6 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    if not uses_external_data(model):
-        return
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as error:

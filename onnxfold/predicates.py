@@ -102,8 +102,11 @@ def reshape_keeps_features(shape, weight):
 def bn_inference(bn_output):
     """BatchNormalization in inference mode: training_mode 0 and only its first output used."""
     node = _node(bn_output)
-    if attributes(node)["training_mode"]:
+    attrs = attributes(node)
+    if attrs["training_mode"]:
         return "BatchNormalization is in training mode (training_mode=1)"
+    if attrs.get("spatial", 1) != 1:
+        return "BatchNormalization has spatial=0 (statistics per position, opset 7-8)"
     if any(output.outputs for output in node.outputs[1:]):
         return "BatchNormalization's running statistics outputs are used"
     return None

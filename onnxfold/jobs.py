@@ -1,0 +1,109 @@
+"""One file in, one file out: the job behind `onnxfold optimize`, alone or in a batch."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import OnnxfoldError
+from .modelio import checker_complaint, read_model, save_model
+from .optimize import optimize, select_rules
+from .ruleset import load_rules
+
+OK, FAILED, BAD_INPUT = "ok", "parity failed", "error"
+
+
+@dataclass
+class JobOptions:
+    only: list = field(default_factory=list)
+    skip: list = field(default_factory=list)
+    rule_dirs: tuple = ()
+    verify: bool = False
+    keep_failed: bool = False
+    force: bool = False
+    external_data: bool | None = None  # None: as the input had it, or when too big
+
+
+@dataclass
+class JobResult:
+    source: str
+    target: str
+    status: str = OK
+    error: str | None = None
+    warnings: list = field(default_factory=list)
+    report: object = None  # the Report, when optimizing got that far
+    written: bool = False
+
+
+def optimize_file(source, target, options: JobOptions, rules=None) -> JobResult:
+    """Optimize one file; bad input is recorded in the result, never raised."""
+    result = JobResult(str(source), str(target))
+    try:
+        _run(Path(source), Path(target), options, rules, result)
+    except OnnxfoldError as error:
+        result.status, result.error = BAD_INPUT, str(error)
+    return result
+
+
+def _run(source, target, options, rules, result) -> None:
+    if same_file(source, target) and not options.force:
+        raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
+    if rules is None:
+        rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
+    model, external = read_model(source)
+    complaint = checker_complaint(model, source)
+    if complaint:
+        result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
+                               "optimizing anyway")
+    optimized, report = optimize(model, rules=rules)
+    result.report = report
+    if options.verify:
+        from .culprit import verify_optimization
+
+        report.verification = verify_optimization(model, optimized, rules, report)
+        if not report.verification["passed"]:
+            result.status = FAILED
+    if result.status == OK or options.keep_failed:
+        keep_external = external if options.external_data is None else options.external_data
+        save_model(optimized, target, external_data=keep_external or None)
+        result.written = True
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def batch_inputs(paths) -> list:
+    """Files as given, and the *.onnx files of any folder given, sorted."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(path.glob("*.onnx"))
+        else:
+            found.append(path)
+    if not found:
+        raise OnnxfoldError("no .onnx files found in the inputs given")
+    return found
+
+
+def optimize_many(sources, out_dir, options: JobOptions, jobs=1, on_done=None) -> list:
+    """Optimize each source into out_dir, independently; one bad model stops nothing."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise OnnxfoldError("the output folder does not exist", out_dir)
+    targets = [out_dir / Path(source).name for source in sources]
+    if len(set(targets)) != len(targets):
+        raise OnnxfoldError("two inputs have the same file name; they would overwrite each other")
+    select_rules(load_rules(options.rule_dirs), options.only, options.skip)  # fail early
+    results = [None] * len(sources)
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(optimize_file, s, t, options): i for i, (s, t) in enumerate(zip(sources, targets))}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if on_done:
+                on_done(results[futures[future]])
+    return results

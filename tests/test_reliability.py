@@ -1,0 +1,182 @@
+"""Graph shapes found in real models, and batch use: what every rule must survive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfold import optimize
+
+from .helpers import assert_same_function, model_from_text, op_counts, run
+from .test_cli import CONV_BN, onnxfold
+
+
+def conv_bn_model(opset=17, batch="1"):
+    text = CONV_BN.replace('"" : 17', f'"" : {opset}').replace("float[1,4,8,8] x", f"float[{batch},4,8,8] x")
+    return model_from_text(text.replace("float[1,6,8,8] y", f"float[{batch},6,8,8] y"))
+
+
+def test_model_fields_and_io_names_are_kept():
+    model = conv_bn_model()
+    model.producer_name, model.producer_version, model.model_version = "exporter", "9.9", 7
+    model.doc_string, model.graph.doc_string = "model doc", "graph doc"
+    onnx.helper.set_model_props(model, {"author": "someone", "license": "MIT"})
+    optimized, _ = optimize(model)
+    for field in ("producer_name", "producer_version", "model_version", "doc_string", "ir_version"):
+        assert getattr(optimized, field) == getattr(model, field), field
+    assert optimized.graph.doc_string == "graph doc"
+    assert {p.key: p.value for p in optimized.metadata_props} == {"author": "someone", "license": "MIT"}
+    assert list(optimized.opset_import) == list(model.opset_import)
+    names = [n.name for n in optimized.graph.node]
+    assert len(names) == len(set(names)) and all(names)
+    onnx.checker.check_model(optimized, full_check=True)
+
+
+def test_the_input_model_object_is_not_modified():
+    model = conv_bn_model()
+    before = model.SerializeToString()
+    optimize(model)
+    assert model.SerializeToString() == before
+
+
+def test_dynamic_batch_folds_and_keeps_the_function():
+    model = conv_bn_model(batch="N")
+    optimized, report = optimize(model)
+    assert "BatchNormalization" not in op_counts(optimized)
+    x = np.random.default_rng(0).normal(size=(3, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(optimized, {"x": x})["y"], run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_rule_that_needs_a_shape_does_not_guess():
+    """MatMul -> BN folds only when the input is known to be 2-D; an unknown rank stays."""
+    model = model_from_text("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,5] x, float[5,4] W, float[4] gamma, float[4] beta, float[4] mean, float[4] var) => (float[N,4] y) {
+  m = MatMul(x, W)
+  y = BatchNormalization(m, gamma, beta, mean, var)
+}""")
+    assert "BatchNormalization" not in op_counts(optimize(model)[0])
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # rank unknown
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    optimized, report = optimize(model)
+    assert "BatchNormalization" in op_counts(optimized)
+    assert any("rank unknown" in m.reason for m in report.misses)
+
+
+def test_old_opsets_fold_and_spatial_zero_is_left():
+    for opset in (9, 11, 13, 15):
+        model = conv_bn_model(opset=opset)
+        optimized, _ = optimize(model)
+        assert "BatchNormalization" not in op_counts(optimized), opset
+        assert_same_function(model, optimized)
+    model = conv_bn_model(opset=7)
+    model.ir_version = 3
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(helper.make_attribute("spatial", 0))
+    optimized, report = optimize(model)
+    assert "BatchNormalization" in op_counts(optimized)
+    assert any("spatial=0" in m.reason for m in report.misses)
+
+
+def test_subgraphs_pass_through_unchanged_and_valid():
+    then_branch = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4, 8, 8])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4, 8, 8])])
+    model = conv_bn_model()
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    graph.node.append(helper.make_node("If", ["flag"], ["z"], then_branch=then_branch, else_branch=else_branch))
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8]))
+    optimized, _ = optimize(model)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert "If" in op_counts(optimized) and "BatchNormalization" not in op_counts(optimized)
+    feeds = {"x": np.ones((1, 4, 8, 8), np.float32), "flag": np.array(True)}
+    assert_same_function(model, optimized, feeds=feeds)
+
+
+def test_quantized_graph_passes_through_unchanged():
+    scale, zero = numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    weight = numpy_helper.from_array(np.random.default_rng(0).integers(0, 255, (6, 4, 3, 3), dtype=np.uint8), "w")
+    bias = numpy_helper.from_array(np.zeros(6, np.int32), "b")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "s", "z", "w", "s", "z", "s", "z", "b"], ["yq"], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])],
+                              [scale, zero, weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    optimized, report = optimize(model)
+    assert [n.op_type for n in optimized.graph.node] == [n.op_type for n in model.graph.node]
+    onnx.checker.check_model(optimized, full_check=True)
+    assert_same_function(model, optimized)
+
+
+def test_float16_model_folds_within_float16_rounding():
+    model = model_from_text(CONV_BN.replace("float[", "float16["))
+    optimized, _ = optimize(model)
+    assert "BatchNormalization" not in op_counts(optimized)
+    assert optimized.graph.initializer[0].data_type == TensorProto.FLOAT16
+    assert_same_function(model, optimized)
+
+
+def test_external_data_is_kept_when_the_input_had_it(tmp_path):
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    wide = CONV_BN.replace("float[6", "float[64").replace("float[1,6,8,8] y", "float[1,64,8,8] y")
+    onnx.save(model_from_text(wide), str(source), save_as_external_data=True, location="in.onnx.data",
+              size_threshold=0)
+    result = onnxfold("optimize", source, target)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.onnx.data").exists()
+    loaded = onnx.load(str(target))
+    assert_same_function(onnx.load(str(source)), loaded)
+    inline = onnxfold("optimize", source, tmp_path / "inline.onnx", "--no-external-data")
+    assert inline.returncode == 0 and not (tmp_path / "inline.onnx.data").exists()
+
+
+def test_checker_complaints_warn_but_do_not_stop(tmp_path):
+    """Models the checker rejects often still run (custom ops, old exporters): warn, go on."""
+    model = conv_bn_model()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.attribute.append(helper.make_attribute("exporter_hint", 1))  # the checker rejects it
+    source, target = tmp_path / "odd.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    result = onnxfold("optimize", source, target)
+    assert result.returncode == 0, result.stderr
+    assert "onnxfold: warning:" in result.stderr and "checker rejects" in result.stderr
+    assert "BatchNormalization" not in op_counts(onnx.load(str(target)))
+
+
+def test_batch_optimizes_a_folder_and_reports_the_bad_model(tmp_path):
+    folder, out = tmp_path / "models", tmp_path / "out"
+    folder.mkdir(), out.mkdir()
+    onnx.save(conv_bn_model(), str(folder / "good.onnx"))
+    onnx.save(conv_bn_model(opset=13), str(folder / "also_good.onnx"))
+    (folder / "broken.onnx").write_bytes(b"\x00\x01 not a model")
+    result = onnxfold("optimize", folder, "--out-dir", out, "-j", "2", "--json", tmp_path / "batch.json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (out / "good.onnx").exists() and (out / "also_good.onnx").exists()
+    assert not (out / "broken.onnx").exists()
+    assert "2 of 3 optimized, 1 failed" in result.stdout
+    assert "broken.onnx" in result.stderr
+    statuses = {r["source"].rsplit("/", 1)[-1]: r["status"] for r in json.loads((tmp_path / "batch.json").read_text())}
+    assert statuses == {"also_good.onnx": "ok", "broken.onnx": "error", "good.onnx": "ok"}
+
+
+def test_python_api_takes_a_path_and_rule_selection(tmp_path):
+    source = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), str(source))
+    optimized, report = optimize(source, skip=["fold-bn-into-conv"])
+    assert "BatchNormalization" in op_counts(optimized)
+    assert "fold-bn-into-conv" not in report.rules
+
+
+def test_usage_errors_exit_2_without_traceback():
+    wrong = subprocess.run([sys.executable, "-m", "onnxfold", "optimize", "only-one.onnx"],
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
