@@ -41,12 +41,12 @@ class Miss:
 
 
 class Engine:
-    def __init__(self, graph: gs.Graph, rules: list):
+    def __init__(self, graph: gs.Graph, rules: list, names=None):
         self.graph = graph
         self.rules_by_op: dict = {}
         for rule in rules:
             self.rules_by_op.setdefault(rule.root.function, []).append(rule)
-        self.names = _NameSource(graph)
+        self.names = names or NameSource([graph])
         self.removed: set = set()
         self.rewrites: list = []
         self.misses: dict = {}  # (rule, node name) -> reason, the latest seen
@@ -267,11 +267,13 @@ def _plain(value):
     return value
 
 
-class _NameSource:
-    """Unique, deterministic names for new nodes and values."""
+class NameSource:
+    """Unique, deterministic names for new nodes and values, across all given graphs."""
 
-    def __init__(self, graph):
-        self.used = {node.name for node in graph.nodes} | set(graph.tensors().keys())
+    def __init__(self, graphs):
+        self.used = set()
+        for graph in graphs:
+            self.used |= {node.name for node in graph.nodes} | set(graph.tensors().keys())
 
     def take(self, name):
         self.used.add(name)

@@ -174,15 +174,18 @@ def _bypass(graph, node, source=None) -> int:
     result = node.outputs[0]
     outputs = graph.outputs
     if result in outputs:
-        # The graph output keeps its name: the source value takes it over, if it can.
-        if source in graph.inputs or source in outputs or producer(source) is None:
+        # The graph output keeps its name: the source value takes it over, if it can
+        # (not a graph input or output, and computed in this graph, not an outer scope).
+        if source in graph.inputs or source in outputs or producer(source) not in graph.nodes:
             return 0
         source.name = result.name
         source.dtype = source.dtype or result.dtype
         source.shape = source.shape or result.shape
         outputs[outputs.index(result)] = source
     for consumer in list(result.outputs):
-        consumer.inputs[:] = [source if t is result else t for t in consumer.inputs]
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is result:
+                consumer.inputs[index] = source
     node.inputs.clear()
     node.outputs.clear()
     return 1

