@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer
-from .pattern import Match, matches_at
+from .pattern import ALIASES, Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
 from .transforms import TRANSFORMS
@@ -84,7 +84,7 @@ class Engine:
 
     def _rewrite_at(self, node) -> list:
         """Apply the first rule that fires at `node`; return the nodes to look at again."""
-        for rule in self.rules_by_op.get(node.op, ()):
+        for rule in self.rules_by_op.get(ALIASES.get(node.op, node.op), ()):
             first_reason = None
             for match in matches_at(rule, node):
                 reason, computed = self._evaluate(rule, match)

@@ -26,8 +26,18 @@ def matches_at(rule: Rule, node):
         yield Match(values, nodes)
 
 
+# Node op -> the pattern op it also matches: a two-input Sum is an Add.
+ALIASES = {"Sum": "Add"}
+
+
+def _op_matches(pattern_op, node) -> bool:
+    if node.op == pattern_op:
+        return True
+    return ALIASES.get(node.op) == pattern_op and len(node.inputs) == 2
+
+
 def _match_line(line, node, values, nodes, producers):
-    if node.op != line.function or line.text in nodes or node in nodes.values():
+    if not _op_matches(line.function, node) or line.text in nodes or node in nodes.values():
         return
     if len(node.outputs) < len(line.targets) or len(node.inputs) > len(line.args):
         return
