@@ -47,6 +47,7 @@ class Engine:
         for rule in rules:
             self.rules_by_op.setdefault(rule.root.function, []).append(rule)
         self.names = names or NameSource([graph])
+        self.own_nodes = {id(node) for node in graph.nodes}
         self.removed: set = set()
         self.rewrites: list = []
         self.misses: dict = {}  # (rule, node name) -> reason, the latest seen
@@ -100,7 +101,9 @@ class Engine:
 
     def _evaluate(self, rule: Rule, match: Match):
         """(reason it may not fire, None) or (None, computed values)."""
-        reason = self._removed_values_private(rule, match) or _element_types_agree(match)
+        if any(id(node) not in self.own_nodes for node in match.nodes.values()):
+            return "the pattern reaches into an enclosing graph", None
+        reason = self._removed_values_private(rule, match) or _element_types_agree(rule, match)
         if reason:
             return reason, None
         for line in rule.when:
@@ -150,6 +153,7 @@ class Engine:
             node = self._build_node(line, index, first_name, scope, computed, match, dtype, root_tensor)
             node.attrs.update(attrs[index])
             self.graph.nodes.append(node)
+            self.own_nodes.add(id(node))
             infer_output_shapes(node, self.graph.opset)
             new_nodes.append(node)
         self.rewrites.append(Rewrite(rule.name, [n.name for n in old_nodes], [n.name for n in new_nodes]))
@@ -249,11 +253,24 @@ def _site_dtype(match):
     return np.dtype(constants[0].dtype) if constants else np.dtype(np.float32)
 
 
-def _element_types_agree(match) -> str | None:
-    kinds = {np.dtype(t.dtype).name for t in _float_constants(match)}
+def _element_types_agree(rule, match) -> str | None:
+    """Weights folded together share one floating type, that of the value computed."""
+    kinds = {np.dtype(t.dtype).name for t in match.values.values()
+             if t is not None and is_constant(t) and np.dtype(t.dtype).kind in "fiu"
+             and t.name in _compute_inputs(rule, match)}
+    root = match.values[rule.root.targets[0]]
+    if root.dtype is not None:
+        kinds.add(np.dtype(root.dtype).name)
     if len(kinds) > 1:
-        return f"the weights mix element types ({', '.join(sorted(kinds))})"
+        return f"the weights and the result mix element types ({', '.join(sorted(kinds))})"
+    if kinds and np.dtype(kinds.pop()).kind != "f":
+        return "the values are not floating point: folding would change integer rounding"
     return None
+
+
+def _compute_inputs(rule, match) -> set:
+    names = {arg.name for line in rule.compute for arg in line.args if isinstance(arg, Name)}
+    return {match.values[n].name for n in names if match.values.get(n) is not None}
 
 
 def _plain(value):
@@ -272,6 +289,7 @@ class NameSource:
 
     def __init__(self, graphs):
         self.used = set()
+        self.next_suffix: dict = {}  # base -> the next counter to try, so naming stays linear
         for graph in graphs:
             self.used |= {node.name for node in graph.nodes} | set(graph.tensors().keys())
 
@@ -279,9 +297,12 @@ class NameSource:
         self.used.add(name)
 
     def fresh(self, base) -> str:
-        name, counter = base, 0
+        name, counter = base, self.next_suffix.get(base, 0)
+        if counter:
+            name = f"{base}_{counter}"
         while name in self.used:
             counter += 1
             name = f"{base}_{counter}"
+        self.next_suffix[base] = counter + 1
         self.used.add(name)
         return name

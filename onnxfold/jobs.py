@@ -57,7 +57,10 @@ def _run(source, target, options, rules, result) -> None:
     if complaint:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
                                "optimizing anyway")
-    optimized, report = optimize(model, rules=rules)
+    try:
+        optimized, report = optimize(model, rules=rules)
+    except OnnxfoldError as error:  # a refusal about the model: name its file
+        raise error if error.path else OnnxfoldError(str(error), source) from None
     result.report = report
     if options.verify:
         from .culprit import verify_optimization

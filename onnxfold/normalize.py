@@ -26,6 +26,8 @@ def normalize(graph: gs.Graph) -> dict:
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
     for node in list(graph.nodes):
+        if not _standard(node):
+            continue
         if node.op in _PASS_THROUGH and _is_pass_through(node):
             counts["identity-and-dropout"] += _bypass(graph, node)
         elif node.op in _NEUTRAL:
@@ -90,26 +92,58 @@ def _fold_constant_subgraphs(graph) -> int:
     onnx-graphsurgeon runs the foldable part in onnxruntime; it is only called when there
     is something to fold, since it copies the graph to do it.
     """
-    _cast_like_constants(graph)
-    if not any(_foldable(node) for node in graph.nodes):
-        return 0
     before = len(graph.nodes)
-    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+    _cast_like_constants(graph)
+    _static_shapes(graph)
+    if any(_foldable(node) for node in graph.nodes):
+        # fold_shapes=False: graph-surgeon's shape folding ignores Shape's start/end and
+        # elides casts in integer arithmetic; static shapes are folded above instead.
+        graph.fold_constants(fold_shapes=False, error_ok=True, should_exclude_node=_never_fold,
+                             size_threshold=_FOLD_SIZE_LIMIT)
+    graph.cleanup()
     return before - len(graph.nodes)
 
 
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+           "Bernoulli"}
+_FOLD_SIZE_LIMIT = 1 << 24  # bytes: a folded constant bigger than this stays computed
+
+
+def _never_fold(node) -> bool:
+    """Nodes whose output is not a function of their inputs (random draws, MC dropout)."""
+    return node.op in _RANDOM or (node.op == "Dropout" and not _is_pass_through(node))
+
+
 def _foldable(node) -> bool:
-    if node.op == "Shape":
+    return bool(node.inputs) and node.op != "Constant" and not _never_fold(node) and \
+        _standard(node) and all(is_constant(t) or t.name == "" for t in node.inputs)
+
+
+def _standard(node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def _static_shapes(graph) -> None:
+    """Shape(x) of a statically shaped x is a constant (start and end honoured)."""
+    for node in graph.nodes:
+        if node.op != "Shape" or not _standard(node):
+            continue
         shape = node.inputs[0].shape
-        return shape is not None and all(isinstance(d, int) for d in shape)
-    return bool(node.inputs) and node.op != "Constant" and \
-        all(is_constant(t) or t.name == "" for t in node.inputs)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            continue
+        rank = len(shape)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+        values = np.asarray(shape[slice(start, end)], dtype=np.int64)
+        result = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        result.to_constant(values)
 
 
 def _cast_like_constants(graph) -> None:
     """CastLike(constant, x) with x's type known is a constant (the dynamo exporter's habit)."""
     for node in graph.nodes:
-        if node.op != "CastLike" or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
+        if node.op != "CastLike" or not _standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
             continue
         values = np.asarray(node.inputs[0].values).astype(node.inputs[1].dtype)
         result = node.outputs[0]
@@ -139,7 +173,7 @@ def _is_pass_through(node) -> bool:
         return True
     # Dropout is the identity in inference mode, as long as its mask is unused.
     training = len(node.inputs) > 2 and node.inputs[2].name != ""
-    mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+    mask_used = len(node.outputs) > 1 and node.outputs[1].name != ""
     return not training and not mask_used and attributes(node).get("training_mode", 0) == 0
 
 

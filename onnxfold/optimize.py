@@ -27,6 +27,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
+    _refuse_overridable_weights(model)
     before = model_stats(model)
     graph = gs.import_onnx(model)
     _apply_inferred_shapes(graph, model)
@@ -63,6 +64,17 @@ def _rewrite_to_fixpoint(graph, engine) -> dict:
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not any(again.values()):
             return normalized
+
+
+def _refuse_overridable_weights(model) -> None:
+    """Weights listed as graph inputs may be replaced at run time: no fold of them is exact."""
+    inputs = {info.name for info in model.graph.input}
+    both = [t.name for t in model.graph.initializer if t.name in inputs]
+    if both:
+        raise OnnxfoldError(
+            f"{len(both)} weights are also graph inputs (overridable at run time, e.g. '{both[0]}'); "
+            "folding them would not be exact. Re-export with keep_initializers_as_inputs=False, "
+            "or drop them from the graph inputs (onnx.version_converter / IR version 4 or newer)")
 
 
 def select_rules(rules, only=None, skip=None) -> list:

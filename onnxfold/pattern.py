@@ -31,6 +31,8 @@ ALIASES = {"Sum": "Add"}
 
 
 def _op_matches(pattern_op, node) -> bool:
+    if node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse a standard name
+        return False
     if node.op == pattern_op:
         return True
     return ALIASES.get(node.op) == pattern_op and len(node.inputs) == 2

@@ -107,8 +107,10 @@ def bn_inference(bn_output):
         return "BatchNormalization is in training mode (training_mode=1)"
     if attrs.get("spatial", 1) != 1:
         return "BatchNormalization has spatial=0 (statistics per position, opset 7-8)"
-    if any(output.outputs for output in node.outputs[1:]):
-        return "BatchNormalization's running statistics outputs are used"
+    if any(output.name for output in node.outputs[1:]):
+        return "BatchNormalization has statistics outputs: training mode (before opset 14 that is how it is said)"
+    if not attrs.get("is_test", 1):
+        return "BatchNormalization has is_test=0 (opset 6: training mode)"
     return None
 
 

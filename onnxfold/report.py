@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -16,10 +17,10 @@ _WATCHED = {"Add", "Sub", "Mul", "BatchNormalization", "AveragePool"}
 
 def model_stats(model: onnx.ModelProto) -> dict:
     ops = Counter(node.op_type for node in model.graph.node)
-    parameters = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    parameters = sum(math.prod(t.dims) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
-            parameters += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+            parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
     return {"nodes": len(model.graph.node), "parameters": parameters,
             "bytes": model.ByteSize(), "ops": dict(sorted(ops.items()))}
 
