@@ -222,12 +222,9 @@ def merged_geometry(kernels, pads_list):
     return target_kernel, begin + end
 
 
-def embed_kernel(W, offsets, target_kernel):
-    """W zero-padded into the target kernel size at the given offsets."""
-    placed = np.zeros((*W.shape[:2], *target_kernel))
-    window = tuple(slice(o, o + k) for o, k in zip(offsets, W.shape[2:]))
-    placed[(slice(None), slice(None), *window)] = W
-    return placed
+def _window(offsets, kernel):
+    """The index of a kernel placed at `offsets` inside a larger one."""
+    return (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offsets, kernel)))
 
 
 @transform
@@ -241,7 +238,7 @@ def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
     total = np.zeros((*Wa.shape[:2], *target_kernel))
     for W, pads in ((Wa, pads_a), (Wb, pads_b)):
         offsets = branch_offsets(W.shape[2:], pads, target_kernel, target_pads, dilations)
-        total += embed_kernel(W, offsets, target_kernel)
+        total[_window(offsets, W.shape[2:])] += W  # in place: no full-size temporary
     bias = _zeros_if_none(Ba, Wa.shape[0]) + _zeros_if_none(Bb, Wb.shape[0])
     return total, bias, [int(p) for p in target_pads]
 
