@@ -33,11 +33,6 @@ from .helpers import assert_same_function
 OPSET = 17
 EXAMPLES = int(os.environ.get("ONNXFOLD_FUZZ_EXAMPLES", 300))
 
-# Known onnxfold bugs whose shapes the generator leaves out until they are fixed; each has
-# an xfail(strict=True) test in test_fuzz_regressions.py that fails once the bug is gone,
-# which is the moment to flip its switch here.
-DROPOUT_MASK_AS_GRAPH_OUTPUT = False  # test_dropout_whose_mask_is_a_graph_output
-
 
 def conv_extent(length, kernel, stride, dilation, begin, end):
     """Output length of a conv (or, with dilation 1, a pool) along one axis."""
@@ -370,7 +365,7 @@ class GraphBuilder:
 
     def m_conv_elementwise(self, x):
         source = self.conv(x) if self.chance(0.8) else x
-        return self.elementwise(source)
+        return self.elementwise(source, self.pick(["Add", "Mul", "Add", "Mul", "Sub", "Div"]))
 
     def m_pool(self, x):
         if self.chance(0.5):
@@ -508,7 +503,7 @@ class GraphBuilder:
         if self.conv_shape(shape, geometry) != shape or self.shapes[branch] != shape:
             return branch
         other = self.bn(x, allow_training=False) if self.chance(0.4) else x
-        if self.chance(0.15):
+        if self.chance(0.25):
             return self.node("Sub", [branch, other], shape)
         return self.node("Add", [branch, other] if self.chance(0.5) else [other, branch], shape)
 
@@ -538,6 +533,22 @@ class GraphBuilder:
         y = self.node("ConvTranspose", inputs, [n, out, *spatial], **attrs)
         return self.bn(y) if self.chance(0.85) else y
 
+    def m_repmixer(self, x):
+        """FastViT's RepMixer: x + ls * (BN(depthwise conv(x)) - BN(x))."""
+        n, channels, height, width = self.shapes[x]
+        kernel = self.pick([3, 5, 1])
+        geometry = {"out": channels, "group": channels if self.chance(0.8) else 1, "kernel": [kernel, kernel],
+                    "strides": [1, 1], "dilations": [1, 1], "pads": [(kernel - 1) // 2] * 4}
+        mixer = self.conv(x, geometry)
+        if self.chance(0.7):
+            mixer = self.bn(mixer, allow_training=False)
+        mixed = self.node("Sub", [mixer, self.bn(x, allow_training=False)], self.shapes[x])
+        if self.chance(0.7):
+            mixed = self.elementwise(mixed, "Mul")
+            if self.shapes[mixed] != self.shapes[x]:
+                return mixed
+        return self.node("Add", [x, mixed] if self.chance(0.5) else [mixed, x], self.shapes[x])
+
     def m_unary(self, x):
         op = self.pick(["Relu", "Identity", "Dropout"])
         if op != "Dropout":
@@ -547,8 +558,7 @@ class GraphBuilder:
         extra = ()
         if self.chance(0.2):
             extra = (self.new_value(self.shapes[x], "mask", data=False),)
-            if DROPOUT_MASK_AS_GRAPH_OUTPUT:
-                self.optional_outputs.extend(extra)
+            self.optional_outputs.extend(extra)
         out = self.node("Dropout", inputs, self.shapes[x], extra_outputs=extra)
         if extra:
             self.output_types[extra[0]] = TensorProto.BOOL
@@ -636,7 +646,7 @@ class GraphBuilder:
     def m_linear_bn(self, v):
         if len(self.shapes[v]) == 2 and self.chance(0.5):
             return self.bn(self.gemm(v))
-        return self.bn(self.matmul(v))
+        return self.bn(self.matmul(v, bias=self.chance(0.7)))
 
     def m_reshape_bn(self, v):
         """BatchNorm1d after a Linear on 3-D input, as PyTorch exports it."""
@@ -696,7 +706,7 @@ class GraphBuilder:
     # Motifs by weight; the productive ones first (hypothesis starts with, and shrinks to, the first).
     FEATURE_MOTIFS = (["m_branches"] * 5 + ["m_residual", "m_conv_bn", "m_bn_conv", "m_conv_elementwise",
                                             "m_sequential", "m_pool", "m_pool_bn"] * 2
-                      + ["m_convtranspose_bn", "m_conv", "m_bn", "m_unary", "m_combine",
+                      + ["m_repmixer", "m_convtranspose_bn", "m_conv", "m_bn", "m_unary", "m_combine",
                          "m_concat", "m_flatten"])
     MATRIX_MOTIFS = (["m_linear_bn", "m_chain"] * 3 + ["m_reshape_bn"] * 2
                      + ["m_reshape_chain", "m_matmul", "m_gemm", "m_matrix_bn", "m_matrix_unary",

@@ -4,12 +4,10 @@ Each test runs the same checks as the fuzzer: the optimized model is valid, has 
 nodes, keeps the graph's inputs and outputs, computes the same function in onnxruntime,
 and the input model is left unchanged. A test marked xfail(strict=True) is a known
 onnxfold bug: once it is fixed the test passes, strict xfail turns that into a failure,
-and the marker should go (with the matching switch in test_fuzz.py, if it has one).
+and the marker should go.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from .helpers import model_from_text
 from .test_fuzz import check_optimize
