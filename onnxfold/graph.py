@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
 _SPATIAL_DEFAULTS = {"auto_pad": "NOTSET", "group": 1}
@@ -34,7 +35,32 @@ def is_constant(tensor) -> bool:
 
 
 def constant_values(tensor) -> np.ndarray:
-    return np.asarray(tensor.values)
+    """A constant's values, read-only, without keeping them in the graph.
+
+    graph-surgeon's `tensor.values` keeps every weight it reads as an array beside the
+    stored bytes, which doubles the memory of a large model; here a stored weight is read
+    afresh each time, straight from its bytes where it can be.
+    """
+    stored = tensor._values  # noqa: SLF001 - graph-surgeon's lazily loaded weight
+    if not isinstance(stored, LazyValues):
+        return np.asarray(tensor.values)
+    proto = stored.tensor
+    dtype = _RAW_TYPES.get(proto.data_type)
+    if dtype is None or not proto.HasField("raw_data"):
+        return stored.load()
+    return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
+
+
+def constant_size(tensor) -> int:
+    """Number of elements of a constant, without reading it."""
+    return int(np.prod(tensor.shape, dtype=np.int64))
+
+
+# Element types whose raw bytes numpy reads as they are (little-endian, as ONNX stores them).
+_RAW_TYPES = {getattr(onnx.TensorProto, name): np.dtype(kind).newbyteorder("<") for name, kind in (
+    ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16), ("INT8", np.int8),
+    ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("UINT8", np.uint8),
+    ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64), ("BOOL", np.bool_))}
 
 
 def spatial_rank(node) -> int:
@@ -80,8 +106,8 @@ def infer_output_shapes(node, opset) -> None:
     try:
         schema = onnx.defs.get_schema(node.op, opset, node.domain or "")
         types = {t.name: onnx.helper.make_tensor_type_proto(_onnx_type(t.dtype), t.shape) for t in present}
-        data = {t.name: onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
-                for t in present if is_constant(t) and np.asarray(t.values).size <= 64}
+        data = {t.name: onnx.numpy_helper.from_array(constant_values(t), t.name)
+                for t in present if is_constant(t) and constant_size(t) <= 64}
         proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs],
                                       [t.name for t in node.outputs], **node.attrs)
         inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -76,9 +77,12 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
         staged = Path(scratch) / path.name
         data_name = path.name + ".data"
         try:
-            onnx.save_model(model, str(staged), save_as_external_data=external_data,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
+            if external_data:
+                onnx.save_model(model, str(staged), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            else:
+                with open(staged, "wb") as handle:
+                    write_in_pieces(model, handle)
         except (OSError, ValueError) as error:
             raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
         if (Path(scratch) / data_name).exists():  # tensors under 1 KiB stay inline
@@ -86,9 +90,106 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
         os.replace(staged, path)
 
 
+def write_in_pieces(model: onnx.ModelProto, handle) -> None:
+    """Write the model's protobuf encoding with its weights encoded one at a time.
+
+    onnx.save encodes the whole model in memory first (and measures it by encoding it once
+    more): two extra copies of a large model. A message's encoding is the concatenation of
+    its fields' encodings, in any order, so the graph's initializers can follow the rest of
+    the graph one by one; parsing the file gives back the same model.
+    """
+    head, graph = _without_weights(model)
+    sizes = [_encoded_tensor_size(weight) for weight in model.graph.initializer]
+    weights_size = sum(_field_size(_INITIALIZER, size) for size in sizes)
+    handle.write(head.SerializeToString())
+    handle.write(_key(_GRAPH) + _varint(graph.ByteSize() + weights_size))
+    handle.write(graph.SerializeToString())
+    for weight, size in zip(model.graph.initializer, sizes):
+        handle.write(_key(_INITIALIZER) + _varint(size))
+        handle.write(weight.SerializeToString())
+
+
+def encoded_size(model: onnx.ModelProto) -> int:
+    """model.ByteSize(), without encoding the weights (ByteSize encodes the whole model)."""
+    head, graph = _without_weights(model)
+    weights_size = sum(_field_size(_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
+    return head.ByteSize() + _field_size(_GRAPH, graph.ByteSize() + weights_size)
+
+
+def _without_weights(model):
+    """(the model without its graph, the graph without its initializers): small messages."""
+    head, graph = onnx.ModelProto(), onnx.GraphProto()
+    copy_fields(model, head, but="graph")
+    copy_fields(model.graph, graph, but="initializer")
+    return head, graph
+
+
+def _encoded_tensor_size(tensor: onnx.TensorProto) -> int:
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    shell = onnx.TensorProto()
+    copy_fields(tensor, shell, but="raw_data")
+    return shell.ByteSize() + _field_size(_RAW_DATA, payload_bytes(tensor))
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field_size(number: int, size: int) -> int:
+    """Bytes taken by a length-delimited field holding `size` bytes."""
+    return len(_key(number)) + len(_varint(size)) + size
+
+
+def copy_fields(source, target, but: str) -> None:
+    """Copy every field set in `source` but one into the empty message `target`."""
+    for field, value in source.ListFields():
+        if field.name == but:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weight data held in the model (initializers and Constant nodes)."""
-    return sum(len(t.raw_data) or t.ByteSize() for t in _all_tensors(model))
+    return sum(payload_bytes(t) for t in _all_tensors(model))
+
+
+# Element types stored two to a byte.
+_HALF_BYTE = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+              if hasattr(onnx.TensorProto, name)}
+
+
+def payload_bytes(tensor: onnx.TensorProto) -> int:
+    """The size of a tensor's data, from its shape where it is raw bytes.
+
+    Not len(tensor.raw_data): reading the field copies the bytes, which on a model of
+    hundreds of megabytes costs as much as loading it.
+    """
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _HALF_BYTE:
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:

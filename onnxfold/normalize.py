@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, is_constant, producer
+from .graph import attributes, constant_values, is_constant, producer
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "identity-and-dropout", "neutral-elementwise",
@@ -78,7 +78,7 @@ def _constant_nodes_to_weights(graph) -> int:
 def _constant_node_values(node):
     attrs = node.attrs
     if isinstance(attrs.get("value"), gs.Constant):
-        return np.asarray(attrs["value"].values)
+        return constant_values(attrs["value"])
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
                        ("value_int", np.int64), ("value_ints", np.int64)):
         if key in attrs:
@@ -145,7 +145,7 @@ def _cast_like_constants(graph) -> None:
     for node in graph.nodes:
         if node.op != "CastLike" or not _standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
             continue
-        values = np.asarray(node.inputs[0].values).astype(node.inputs[1].dtype)
+        values = constant_values(node.inputs[0]).astype(node.inputs[1].dtype)
         result = node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()
@@ -157,7 +157,7 @@ def _is_identity_reshape(node) -> bool:
     data, target = node.inputs[0], node.inputs[1]
     if not is_constant(target) or data.shape is None or not all(isinstance(d, int) for d in data.shape):
         return False
-    spec = np.asarray(target.values).reshape(-1).tolist()
+    spec = constant_values(target).reshape(-1).tolist()
     if len(spec) != len(data.shape):
         return False
     copy_zero = not attributes(node)["allowzero"]
@@ -183,7 +183,7 @@ def _neutral_operand(node):
     candidates = [(0, 1), (1, 0)] if commutes else [(0, 1)]
     for data_index, constant_index in candidates:
         data, constant = node.inputs[data_index], node.inputs[constant_index]
-        if not is_constant(constant) or np.any(np.asarray(constant.values) != neutral):
+        if not is_constant(constant) or np.any(constant_values(constant) != neutral):
             continue
         if _broadcast_keeps_shape(data, constant) and data.dtype == constant.dtype:
             return data

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from .engine import Engine, NameSource
+from .export import export_model
 from .errors import OnnxfoldError
-from .modelio import load_model
+from .modelio import copy_fields, load_model, payload_bytes
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -41,17 +43,17 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
         counts = _rewrite_to_fixpoint(scope, engine)
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
-    optimized = _export(graph, model)
-    report = Report(
-        before=before,
-        after=model_stats(optimized),
-        seconds=time.perf_counter() - started,
-        normalized=normalized,
-        rewrites=[r for e in engines for r in e.rewrites],
-        misses=[m for g, e in zip(graphs, engines)
-                for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)],
-        rules=[rule.name for rule in rules],
-    )
+    rewrites = [r for e in engines for r in e.rewrites]
+    misses = [m for g, e in zip(graphs, engines)
+              for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
+    optimized = export_model(graph, model)
+    # The graph's nodes and values refer to each other: only the cycle collector frees
+    # them, and with them the arrays of folded weights; on a large model, do it now.
+    del graph, graphs, engines, names
+    gc.collect()
+    report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
+                    normalized=normalized, rewrites=rewrites, misses=misses,
+                    rules=[rule.name for rule in rules])
     return optimized, report
 
 
@@ -108,7 +110,7 @@ def _apply_inferred_shapes(graph, model) -> None:
 def _skeleton(model) -> onnx.ModelProto:
     """The model with big weights turned into typed graph inputs: cheap to copy and infer."""
     skeleton = onnx.ModelProto()
-    _copy_model_fields(model, skeleton)
+    copy_fields(model, skeleton, but="graph")
     graph = skeleton.graph
     graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
@@ -116,38 +118,8 @@ def _skeleton(model) -> onnx.ModelProto:
     graph.value_info.extend(model.graph.value_info)
     declared = {info.name for info in model.graph.input}
     for weight in model.graph.initializer:
-        if _tensor_size(weight) <= _SHAPE_INFERENCE_WEIGHT_LIMIT:
+        if payload_bytes(weight) <= _SHAPE_INFERENCE_WEIGHT_LIMIT:
             graph.initializer.append(weight)
         elif weight.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
     return skeleton
-
-
-def _tensor_size(tensor) -> int:
-    return len(tensor.raw_data) or tensor.ByteSize()
-
-
-def _export(graph, original) -> onnx.ModelProto:
-    exported = gs.export_onnx(graph, do_type_check=False)
-    _copy_model_fields(original, exported)
-    # Keep only the input's own shape annotations that still name a value.
-    names = {t for node in exported.graph.node for t in [*node.input, *node.output]}
-    del exported.graph.value_info[:]
-    exported.graph.value_info.extend(v for v in original.graph.value_info if v.name in names)
-    return exported
-
-
-def _copy_model_fields(source, target) -> None:
-    """Everything but the graph: IR version, opsets, producer, metadata, functions."""
-    for field in source.DESCRIPTOR.fields:
-        if field.name == "graph":
-            continue
-        target.ClearField(field.name)
-        value = getattr(source, field.name)
-        if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            if source.HasField(field.name):
-                getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from .engine import Miss
+from .modelio import encoded_size
 
 # Ops whose presence after optimizing the user will ask about.
 _WATCHED = {"Add", "Sub", "Mul", "BatchNormalization", "AveragePool"}
@@ -22,7 +23,7 @@ def model_stats(model: onnx.ModelProto) -> dict:
         if node.op_type == "Constant":
             parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
     return {"nodes": len(model.graph.node), "parameters": parameters,
-            "bytes": model.ByteSize(), "ops": dict(sorted(ops.items()))}
+            "bytes": encoded_size(model), "ops": dict(sorted(ops.items()))}
 
 
 def unexplained_leftovers(graph, misses) -> list:

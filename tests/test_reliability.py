@@ -208,3 +208,39 @@ def test_rules_apply_inside_subgraphs_with_weights_from_the_outer_graph():
     for flag in (True, False):
         feeds = {"x": np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32), "flag": np.array(flag)}
         assert_same_function(model, optimized, feeds=feeds)
+
+
+def model_with_every_kind_of_field():
+    """A model using the protobuf fields a streamed save must not lose or reorder wrongly."""
+    model = conv_bn_model()
+    onnx.helper.set_model_props(model, {"author": "someone"})
+    model.graph.doc_string = "graph doc"
+    graph = model.graph
+    graph.initializer.append(helper.make_tensor("as_floats", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    graph.initializer.append(numpy_helper.from_array(np.arange(6, dtype=np.float16).reshape(2, 3), "half"))
+    graph.initializer.append(helper.make_tensor("int4s", TensorProto.INT4, [5], [1, -2, 3, -4, 5]))
+    graph.initializer.append(helper.make_tensor("raw_int4s", TensorProto.INT4, [5], b"\x21\x43\x05", raw=True))
+    graph.sparse_initializer.append(helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([5.0], np.float32), "sparse"),
+        numpy_helper.from_array(np.array([1], np.int64), "sparse_indices"), [4]))
+    model.functions.append(helper.make_function("custom", "Twice", ["a"], ["b"],
+                                                [helper.make_node("Add", ["a", "a"], ["b"])],
+                                                [helper.make_opsetid("", 17)]))
+    return model
+
+
+def test_saving_in_pieces_gives_back_the_same_model(tmp_path):
+    from onnxfold.modelio import encoded_size, save_model
+
+    model = model_with_every_kind_of_field()
+    save_model(model, tmp_path / "out.onnx", external_data=False)
+    assert onnx.load(str(tmp_path / "out.onnx")) == model
+    assert encoded_size(model) == model.ByteSize() == (tmp_path / "out.onnx").stat().st_size
+
+
+def test_weight_sizes_are_read_from_shapes_without_copying():
+    from onnxfold.modelio import payload_bytes
+
+    for tensor in model_with_every_kind_of_field().graph.initializer:
+        expected = len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+        assert payload_bytes(tensor) == expected, tensor.name

@@ -1,0 +1,58 @@
+"""From the rewritten onnx-graphsurgeon graph back to a ModelProto, copying each weight once.
+
+onnx-graphsurgeon's own export builds every tensor, then copies them all again into the
+graph (onnx.helper.make_graph); on a model of hundreds of megabytes that second copy costs
+as much as saving the file. Here each weight is written straight into its place: an
+untouched weight is one copy of the original tensor, a folded one is its bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+from .modelio import copy_fields
+
+
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as a model with every field but the graph taken from `original`."""
+    model = onnx.ModelProto()
+    copy_fields(original, model, but="graph")
+    target = model.graph
+    target.name = graph.name or original.graph.name
+    target.doc_string = graph.doc_string or ""
+    target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    target.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    target.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            _write_weight(tensor, target)
+    # Keep only the input's own shape annotations that still name a value.
+    names = {t for node in target.node for t in [*node.input, *node.output]}
+    target.value_info.extend(v for v in original.graph.value_info if v.name in names)
+    return model
+
+
+def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
+    values = tensor._values  # noqa: SLF001 - the one way to reach the original proto
+    if isinstance(values, SparseValues):
+        graph.sparse_initializer.add().CopyFrom(values.tensor)
+        return
+    proto = graph.initializer.add()
+    if isinstance(values, LazyValues):
+        proto.CopyFrom(values.tensor)
+        proto.name = tensor.name
+        return
+    if tensor.export_dtype != tensor.dtype:  # a type numpy lacks: leave it to graph-surgeon
+        proto.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
+        return
+    array = np.asarray(values)
+    proto.name = tensor.name
+    proto.data_type = dtype_to_onnx(array.dtype)
+    proto.dims.extend(array.shape)
+    proto.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    # The graph reads the weight from the model from now on: one copy in memory, not two.
+    tensor.values = LazyValues(proto)
