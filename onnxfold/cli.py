@@ -46,6 +46,19 @@ def _handle_errors(command):
     return wrapper
 
 
+def _size(text) -> int:
+    """'4096', '1K', '64M' or '1.5G' as a number of bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a size (bytes, or with a K, M or G suffix)") from None
+    if size < 0:
+        raise click.BadParameter(f"'{text}' is negative")
+    return int(size)
+
+
 def _names(text):
     return [name.strip() for name in text.split(",") if name.strip()] if text else []
 
@@ -71,18 +84,22 @@ def main():
 @click.option("--keep-failed", is_flag=True, help="With --verify: write TARGET even if parity fails.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in TARGET.data (default: as the input did, or when over 2 GB).")
+@click.option("--external-data-size-threshold", "size_threshold", default="1K", show_default=True,
+              metavar="SIZE", callback=lambda ctx, param, value: _size(value),
+              help="With external data: tensors smaller than SIZE (bytes; K, M, G suffixes) stay inline.")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_handle_errors
 def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
-                     keep_failed, external_data, force, quiet):
+                     keep_failed, external_data, size_threshold, force, quiet):
     """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR.
 
     \b
     onnxfold optimize model.onnx model.opt.onnx
     onnxfold optimize models/ extra.onnx --out-dir optimized/ -j 2
     """
-    options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data)
+    options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data,
+                         size_threshold)
     if out_dir is None:
         if len(paths) != 2:
             raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")

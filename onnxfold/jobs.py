@@ -24,6 +24,7 @@ class JobOptions:
     keep_failed: bool = False
     force: bool = False
     external_data: bool | None = None  # None: as the input had it, or when too big
+    size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
 
 
 @dataclass
@@ -70,7 +71,7 @@ def _run(source, target, options, rules, result) -> None:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
         keep_external = external if options.external_data is None else options.external_data
-        save_model(optimized, target, external_data=keep_external or None)
+        save_model(optimized, target, external_data=keep_external or None, size_threshold=options.size_threshold)
         result.written = True
 
 

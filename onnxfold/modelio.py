@@ -58,11 +58,12 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
 
 
-def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, size_threshold=1024) -> None:
     """Write `model` to `path` atomically: a reader never sees a half-written file.
 
     `external_data=None` stores weights in `<name>.data` beside the model only where the
-    model would not fit in one protobuf. Note: saving with external data moves the
+    model would not fit in one protobuf; tensors under `size_threshold` bytes stay inline.
+    Note: saving with external data moves the
     tensor bytes out of `model`.
     """
     path = Path(path)
@@ -79,13 +80,13 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
         try:
             if external_data:
                 onnx.save_model(model, str(staged), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+                                all_tensors_to_one_file=True, location=data_name, size_threshold=size_threshold)
             else:
                 with open(staged, "wb") as handle:
                     write_in_pieces(model, handle)
         except (OSError, ValueError) as error:
             raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
-        if (Path(scratch) / data_name).exists():  # tensors under 1 KiB stay inline
+        if (Path(scratch) / data_name).exists():  # absent when every tensor stayed inline
             os.replace(Path(scratch) / data_name, folder / data_name)
         os.replace(staged, path)
 
@@ -156,16 +157,22 @@ def _field_size(number: int, size: int) -> int:
 
 
 def copy_fields(source, target, but: str) -> None:
-    """Copy every field set in `source` but one into the empty message `target`."""
-    for field, value in source.ListFields():
+    """Copy every field set in `source` but one into the empty message `target`.
+
+    The skipped field is never read: reading a bytes field copies it.
+    """
+    for field in source.DESCRIPTOR.fields:
         if field.name == but:
             continue
         if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+            values = getattr(source, field.name)
+            if values:
+                getattr(target, field.name).extend(values)
+        elif source.HasField(field.name):
+            if field.message_type is not None:
+                getattr(target, field.name).CopyFrom(getattr(source, field.name))
+            else:
+                setattr(target, field.name, getattr(source, field.name))
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

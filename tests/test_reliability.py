@@ -139,6 +139,23 @@ def test_external_data_is_kept_when_the_input_had_it(tmp_path):
     assert inline.returncode == 0 and not (tmp_path / "inline.onnx.data").exists()
 
 
+def test_external_data_size_threshold_keeps_small_tensors_inline(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_bn_model(), str(source))  # weights of 24 to 864 bytes
+    for threshold, expect_outside in (("1K", set()), ("100", {864}), ("0", {24, 864})):
+        target = tmp_path / f"out{threshold}.onnx"
+        result = onnxfold("optimize", source, target, "--external-data", "--external-data-size-threshold", threshold)
+        assert result.returncode == 0, result.stderr
+        saved = onnx.load(str(target), load_external_data=False)
+        outside = {int(next(e.value for e in t.external_data if e.key == "length"))
+                   for t in saved.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+        assert outside == expect_outside, threshold
+        assert (tmp_path / f"out{threshold}.onnx.data").exists() == bool(expect_outside)
+        assert_same_function(onnx.load(str(source)), onnx.load(str(target)))
+    bad = onnxfold("optimize", source, tmp_path / "bad.onnx", "--external-data-size-threshold", "lots")
+    assert bad.returncode == 2 and "is not a size" in bad.stderr and not (tmp_path / "bad.onnx").exists()
+
+
 def test_checker_complaints_warn_but_do_not_stop(tmp_path):
     """Models the checker rejects often still run (custom ops, old exporters): warn, go on."""
     model = conv_bn_model()
@@ -244,3 +261,20 @@ def test_weight_sizes_are_read_from_shapes_without_copying():
     for tensor in model_with_every_kind_of_field().graph.initializer:
         expected = len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
         assert payload_bytes(tensor) == expected, tensor.name
+
+
+def test_folds_stop_at_casts_in_mixed_precision_graphs():
+    """A float32 BN after a float16 conv is not folded across the Cast: the folded weights
+    would be rounded to float16, which the original never did."""
+    model = model_from_text("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float16[1,4,8,8] x, float16[6,4,3,3] W, float[6] gamma, float[6] beta, float[6] mean, float[6] var)
+  => (float[1,6,8,8] y) {
+  c = Conv<pads=[1,1,1,1]>(x, W)
+  c32 = Cast<to=1>(c)
+  y = BatchNormalization(c32, gamma, beta, mean, var)
+}""")
+    optimized, report = optimize(model)
+    assert op_counts(optimized) == op_counts(model)
+    assert not report.rewrites
+    assert_same_function(model, optimized)
