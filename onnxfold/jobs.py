@@ -70,8 +70,10 @@ def _run(source, target, options, rules, result) -> None:
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
-        keep_external = external if options.external_data is None else options.external_data
-        save_model(optimized, target, external_data=keep_external or None, size_threshold=options.size_threshold)
+        del model  # free the input's weights before saving a large model
+        # By default as the input had it (or when too big for one file); else as asked.
+        wanted = (external or None) if options.external_data is None else options.external_data
+        save_model(optimized, target, external_data=wanted, size_threshold=options.size_threshold)
         result.written = True
 
 

@@ -72,8 +72,11 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
         raise OnnxfoldError("the output folder does not exist", folder)
     if not os.access(folder, os.W_OK):
         raise OnnxfoldError("the output folder is not writable", folder)
-    if external_data is None:
-        external_data = tensor_bytes(model) > PROTOBUF_LIMIT
+    too_big = tensor_bytes(model) > PROTOBUF_LIMIT
+    if too_big and external_data is False:
+        raise OnnxfoldError("the model is over 2 GiB, the most one protobuf file can hold; "
+                            "save it with external data (drop --no-external-data)", path)
+    external_data = too_big if external_data is None else external_data
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as scratch:
         staged = Path(scratch) / path.name
         data_name = path.name + ".data"
