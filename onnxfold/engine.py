@@ -255,9 +255,9 @@ def _site_dtype(match):
 
 def _element_types_agree(rule, match) -> str | None:
     """Weights folded together share one floating type, that of the value computed."""
+    folded = _compute_inputs(rule, match)
     kinds = {np.dtype(t.dtype).name for t in match.values.values()
-             if t is not None and is_constant(t) and np.dtype(t.dtype).kind in "fiu"
-             and t.name in _compute_inputs(rule, match)}
+             if t is not None and is_constant(t) and np.dtype(t.dtype).kind in "fiu" and t.name in folded}
     root = match.values[rule.root.targets[0]]
     if root.dtype is not None:
         kinds.add(np.dtype(root.dtype).name)

@@ -129,8 +129,8 @@ def _without_weights(model):
 
 
 def _encoded_tensor_size(tensor: onnx.TensorProto) -> int:
-    if not tensor.HasField("raw_data"):
-        return tensor.ByteSize()
+    if not tensor.HasField("raw_data") or payload_bytes(tensor) < 1 << 16:
+        return tensor.ByteSize()  # encoding a small tensor is cheaper than copying its fields
     shell = onnx.TensorProto()
     copy_fields(tensor, shell, but="raw_data")
     return shell.ByteSize() + _field_size(_RAW_DATA, payload_bytes(tensor))

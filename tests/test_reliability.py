@@ -235,6 +235,7 @@ def model_with_every_kind_of_field():
     graph = model.graph
     graph.initializer.append(helper.make_tensor("as_floats", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
     graph.initializer.append(numpy_helper.from_array(np.arange(6, dtype=np.float16).reshape(2, 3), "half"))
+    graph.initializer.append(numpy_helper.from_array(np.ones((300, 100), np.float32), "big"))  # over 64 KiB
     graph.initializer.append(helper.make_tensor("int4s", TensorProto.INT4, [5], [1, -2, 3, -4, 5]))
     graph.initializer.append(helper.make_tensor("raw_int4s", TensorProto.INT4, [5], b"\x21\x43\x05", raw=True))
     graph.sparse_initializer.append(helper.make_sparse_tensor(
