@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold import optimize
@@ -66,6 +68,34 @@ g (float[N,5] x, float[5,4] W, float[4] gamma, float[4] beta, float[4] mean, flo
     optimized, report = optimize(model)
     assert "BatchNormalization" in op_counts(optimized)
     assert any("rank unknown" in m.reason for m in report.misses)
+
+
+REPVGG_BLOCK = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4,8,8] x, float[4,4,3,3] W3, float[4,4,1,1] W1, float[4] g3, float[4] b3, float[4] m3,
+   float[4] var3, float[4] g1, float[4] b1, float[4] m1, float[4] var1) => (float[1,4,8,8] y) {
+  c3 = Conv<pads=[1,1,1,1]>(x, W3)
+  n3 = BatchNormalization(c3, g3, b3, m3, var3)
+  c1 = Conv(x, W1)
+  n1 = BatchNormalization(c1, g1, b1, m1, var1)
+  s = Add(n3, n1)
+  t = Add(s, x)
+  y = Relu(t)
+}"""
+
+
+@pytest.mark.parametrize("opset", range(9, onnx.defs.onnx_opset_version() + 1))
+def test_every_opset_from_9_to_the_newest_folds_a_repvgg_block(opset):
+    model = model_from_text(REPVGG_BLOCK.replace('"" : 17', f'"" : {opset}'))
+    model.ir_version = onnx.helper.find_min_ir_version_for([model.opset_import[0]])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Conv": 1, "Relu": 1}, opset
+    onnx.checker.check_model(optimized, full_check=True)
+    try:
+        run(model, {"x": np.ones((1, 4, 8, 8), np.float32)})
+    except Exception as error:  # noqa: BLE001 - onnxruntime may lag onnx's newest opset
+        pytest.skip(f"onnxruntime {ort.__version__} cannot run opset {opset}: {str(error)[:80]}")
+    assert_same_function(model, optimized)
 
 
 def test_old_opsets_fold_and_spatial_zero_is_left():
