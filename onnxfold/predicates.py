@@ -137,13 +137,10 @@ def no_padding(conv_output):
 @predicate
 def pointwise(conv_output):
     """A 1x1 conv with stride 1, no padding and one group: a per-pixel channel mix."""
-    node = _node(conv_output)
-    attrs = attributes(node)
-    if any(k != 1 for k in _weight_shape(conv_output)[2:]):
-        return f"'{node.name}' is not 1x1"
-    if any(s != 1 for s in attrs["strides"]) or any(attrs["pads"]) or attrs["group"] != 1:
-        return f"'{node.name}' has a stride, padding or groups"
-    return None
+    reason = unit_kernel(conv_output)
+    if reason is None and any(attributes(_node(conv_output))["pads"]):
+        return f"'{_node(conv_output).name}' has a stride, padding or groups"
+    return reason
 
 
 @predicate

@@ -169,6 +169,16 @@ def test_parallel_branches_merge_exactly_whenever_they_align(branch_pair):
     outputs_agree(before, after, setup["input_shape"])
 
 
+def assert_two_convs_fold(first, second, weights, folded, shape):
+    """Conv(first, bias a, padded) then Conv(second, bias p) equals one padded Conv(folded)."""
+    before = graph_model([helper.make_node("Conv", ["x", first, "a"], ["h"], pads=[1, 1, 1, 1]),
+                          helper.make_node("Conv", ["h", second, "p"], ["y"])], weights, shape, 4)
+    W, B = folded
+    after = graph_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
+                        {"W": W, "B": B}, shape, 4)
+    outputs_agree(before, after, shape)
+
+
 @SETTINGS
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 99))
 def test_sequential_convs(channels, kernel, out_channels, seed):
@@ -176,23 +186,13 @@ def test_sequential_convs(channels, kernel, out_channels, seed):
     shape = [1, channels, 7, 7]
     A, a = rng.normal(size=(channels, channels, kernel, kernel)), rng.normal(size=channels)
     P, p = rng.normal(size=(out_channels, channels, 1, 1)), rng.normal(size=out_channels)
-    before = graph_model([helper.make_node("Conv", ["x", "A", "a"], ["h"], pads=[1, 1, 1, 1]),
-                          helper.make_node("Conv", ["h", "P", "p"], ["y"])],
-                         {"A": A, "a": a, "P": P, "p": p}, shape, 4)
-    W, B = transforms.conv_then_pointwise(A, a, P, p)
-    after = graph_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
-                        {"W": W, "B": B}, shape, 4)
-    outputs_agree(before, after, shape)
+    assert_two_convs_fold("A", "P", {"A": A, "a": a, "P": P, "p": p},
+                          transforms.conv_then_pointwise(A, a, P, p), shape)
     # and the other order: 1x1 (bias, padded) then an unpadded K x K
     K = rng.normal(size=(out_channels, channels, kernel, kernel))
     Q = rng.normal(size=(channels, channels, 1, 1))
-    before = graph_model([helper.make_node("Conv", ["x", "Q", "a"], ["h"], pads=[1, 1, 1, 1]),
-                          helper.make_node("Conv", ["h", "K", "p"], ["y"])],
-                         {"Q": Q, "a": a, "K": K, "p": p}, shape, 4)
-    W, B = transforms.pointwise_then_conv(Q, a, K, p)
-    after = graph_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
-                        {"W": W, "B": B}, shape, 4)
-    outputs_agree(before, after, shape)
+    assert_two_convs_fold("Q", "K", {"Q": Q, "a": a, "K": K, "p": p},
+                          transforms.pointwise_then_conv(Q, a, K, p), shape)
 
 
 @SETTINGS
