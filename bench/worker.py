@@ -1,7 +1,8 @@
 """One measurement in a fresh process, so that its peak RSS is its own.
 
     python bench/worker.py loadsave SOURCE TARGET      onnx.load + onnx.save
-    python bench/worker.py optimize SOURCE TARGET [N]  load_model + optimize (N times) + save_model
+    python bench/worker.py optimize SOURCE TARGET [N]  open_model + optimize (N times) + save_model,
+                                                       as `onnxfold optimize` does
 
 Prints one JSON line: phase times in seconds, node counts, peak RSS in bytes.
 Imports happen before any clock starts.
@@ -17,7 +18,7 @@ import time
 import onnx
 
 from onnxfold import optimize
-from onnxfold.modelio import load_model, save_model
+from onnxfold.modelio import open_model, save_model
 
 
 def memory_status(field) -> int:
@@ -44,7 +45,7 @@ def load_and_save(source, target) -> dict:
 
 
 def load_optimize_save(source, target, repeats=1) -> dict:
-    model, load = timed(load_model, source)
+    (model, _), load = timed(open_model, source)
     times = []
     for _ in range(repeats):
         (optimized, report), seconds = timed(optimize, model)

@@ -20,7 +20,7 @@ from .modelio import copy_fields
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The graph as a model with every field but the graph taken from `original`."""
     model = onnx.ModelProto()
-    copy_fields(original, model, but="graph")
+    copy_fields(original, model, but=("graph",))
     target = model.graph
     target.name = graph.name or original.graph.name
     target.doc_string = graph.doc_string or ""

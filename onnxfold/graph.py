@@ -7,6 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from .references import RAW_TYPES, is_reference, read_reference
+
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
 _SPATIAL_DEFAULTS = {"auto_pad": "NOTSET", "group": 1}
 _DEFAULTS = {
@@ -39,13 +41,15 @@ def constant_values(tensor) -> np.ndarray:
 
     graph-surgeon's `tensor.values` keeps every weight it reads as an array beside the
     stored bytes, which doubles the memory of a large model; here a stored weight is read
-    afresh each time, straight from its bytes where it can be.
+    afresh each time, straight from its bytes, or its file (references.py), where it can be.
     """
     stored = tensor._values  # noqa: SLF001 - graph-surgeon's lazily loaded weight
     if not isinstance(stored, LazyValues):
         return np.asarray(tensor.values)
     proto = stored.tensor
-    dtype = _RAW_TYPES.get(proto.data_type)
+    if is_reference(proto):
+        return read_reference(proto)
+    dtype = RAW_TYPES.get(proto.data_type)
     if dtype is None or not proto.HasField("raw_data"):
         return stored.load()
     return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
@@ -54,13 +58,6 @@ def constant_values(tensor) -> np.ndarray:
 def constant_size(tensor) -> int:
     """Number of elements of a constant, without reading it."""
     return int(np.prod(tensor.shape, dtype=np.int64))
-
-
-# Element types whose raw bytes numpy reads as they are (little-endian, as ONNX stores them).
-_RAW_TYPES = {getattr(onnx.TensorProto, name): np.dtype(kind).newbyteorder("<") for name, kind in (
-    ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16), ("INT8", np.int8),
-    ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("UINT8", np.uint8),
-    ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64), ("BOOL", np.bool_))}
 
 
 def spatial_rank(node) -> int:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OnnxfoldError
-from .modelio import checker_complaint, read_model, save_model
+from .modelio import checker_complaint, open_model, save_model
 from .optimize import optimize, select_rules
+from .references import loaded
 from .ruleset import load_rules
 
 OK, FAILED, BAD_INPUT = "ok", "parity failed", "error"
@@ -53,8 +54,8 @@ def _run(source, target, options, rules, result) -> None:
         raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
     if rules is None:
         rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
-    model, external = read_model(source)
-    complaint = checker_complaint(model, source)
+    model, external = open_model(source)  # large weights stay in the file until needed
+    complaint = checker_complaint(model)
     if complaint:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
                                "optimizing anyway")
@@ -66,11 +67,10 @@ def _run(source, target, options, rules, result) -> None:
     if options.verify:
         from .culprit import verify_optimization
 
-        report.verification = verify_optimization(model, optimized, rules, report)
+        report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report)
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
-        del model  # free the input's weights before saving a large model
         # By default as the input had it (or when too big for one file); else as asked.
         wanted = (external or None) if options.external_data is None else options.external_data
         save_model(optimized, target, external_data=wanted, size_threshold=options.size_threshold)

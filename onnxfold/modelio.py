@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from . import wire
 from .errors import OnnxfoldError
+from .references import INLINE_LIMIT, copy_reference, is_reference, refer_to_external_data, scan_model
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -23,6 +26,27 @@ def load_model(path) -> onnx.ModelProto:
 
 def read_model(path):
     """(model with its external data loaded, whether the file kept weights outside)."""
+    path = _readable_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
+    return model, _with_external_data(model, path, _load_external_data)
+
+
+def open_model(path):
+    """(model, whether the file kept weights outside), the model's large weights left in
+    their files as references (see references.py): the cheap way to read a large model."""
+    path = _readable_file(path)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            model = scan_model(buffer, path)
+    except (wire.Malformed, DecodeError, ValueError, OSError):
+        return read_model(path)  # the whole-file reader reads it, or says what is wrong
+    return model, _with_external_data(model, path, refer_to_external_data)
+
+
+def _readable_file(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise OnnxfoldError("no such file", path)
@@ -30,32 +54,50 @@ def read_model(path):
         raise OnnxfoldError("not a file", path)
     if path.stat().st_size == 0:
         raise OnnxfoldError("the file is empty", path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as error:
-        raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
+    return path
+
+
+def _with_external_data(model, path, read_external) -> bool:
+    """Check the model is one, read or refer to its external data; whether it had any."""
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
-    external = uses_external_data(model)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
+                   for t in _all_tensors(model))
     if external:
-        _load_external_data(model, path)
-    return model, external
+        try:
+            read_external(model, path.parent)
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
+            raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+    return external
 
 
-def checker_complaint(model: onnx.ModelProto, path) -> str | None:
-    """What onnx.checker says against the model, if anything (the model may still run)."""
+def checker_complaint(model: onnx.ModelProto) -> str | None:
+    """What onnx.checker says against the model, if anything (the model may still run).
+
+    Large weights are checked for their type and shape only, as graph inputs: checking
+    their bytes would copy the whole model.
+    """
     try:
-        if tensor_bytes(model) > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(without_large_weights(model))
     except (onnx.checker.ValidationError, ValueError, OSError) as error:
         return _first_line(error)
     return None
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+def without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large weights turned into typed graph inputs: cheap to copy,
+    check and run shape inference on."""
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, but=("graph",))
+    graph = skeleton.graph
+    copy_fields(model.graph, graph, but=("initializer",))
+    declared = {info.name for info in model.graph.input}
+    for weight in model.graph.initializer:
+        if payload_bytes(weight) <= INLINE_LIMIT and not is_reference(weight):
+            graph.initializer.append(weight)
+        elif weight.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
+    return skeleton
 
 
 def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, size_threshold=1024) -> None:
@@ -63,8 +105,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
 
     `external_data=None` stores weights in `<name>.data` beside the model only where the
     model would not fit in one protobuf; tensors under `size_threshold` bytes stay inline.
-    Note: saving with external data moves the
-    tensor bytes out of `model`.
+    Note: saving with external data moves the tensor bytes out of `model`.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -78,20 +119,40 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
                             "save it with external data (drop --no-external-data)", path)
     external_data = too_big if external_data is None else external_data
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as scratch:
-        staged = Path(scratch) / path.name
-        data_name = path.name + ".data"
+        staged, data_name = Path(scratch) / path.name, path.name + ".data"
         try:
             if external_data:
-                onnx.save_model(model, str(staged), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data_name, size_threshold=size_threshold)
-            else:
-                with open(staged, "wb") as handle:
-                    write_in_pieces(model, handle)
+                with open(Path(scratch) / data_name, "wb") as data:
+                    move_weights_out(model, data, data_name, size_threshold)
+            with open(staged, "wb") as handle:
+                write_in_pieces(model, handle)
         except (OSError, ValueError) as error:
             raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
-        if (Path(scratch) / data_name).exists():  # absent when every tensor stayed inline
+        if external_data and (Path(scratch) / data_name).stat().st_size:
             os.replace(Path(scratch) / data_name, folder / data_name)
         os.replace(staged, path)
+
+
+def move_weights_out(model: onnx.ModelProto, data, data_name: str, size_threshold: int) -> None:
+    """Write the bytes of every tensor of `size_threshold` bytes or more to the open file
+    `data`, one after another, and point the tensor at them (ONNX external data)."""
+    for tensor in _all_tensors(model):
+        size = payload_bytes(tensor)
+        if size < size_threshold:
+            continue
+        offset = data.tell()
+        if is_reference(tensor):
+            copy_reference(tensor, data)
+        elif tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            data.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+        else:
+            continue  # typed fields (float_data, ...) stay inline, as with onnx.save
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", offset), ("length", size)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
 
 
 def write_in_pieces(model: onnx.ModelProto, handle) -> None:
@@ -100,40 +161,54 @@ def write_in_pieces(model: onnx.ModelProto, handle) -> None:
     onnx.save encodes the whole model in memory first (and measures it by encoding it once
     more): two extra copies of a large model. A message's encoding is the concatenation of
     its fields' encodings, in any order, so the graph's initializers can follow the rest of
-    the graph one by one; parsing the file gives back the same model.
+    the graph one by one; parsing the file gives back the same model. Referenced weights
+    are copied from their files.
     """
     head, graph = _without_weights(model)
     sizes = [_encoded_tensor_size(weight) for weight in model.graph.initializer]
-    weights_size = sum(_field_size(_INITIALIZER, size) for size in sizes)
+    weights_size = sum(wire.field_size(_INITIALIZER, size) for size in sizes)
     handle.write(head.SerializeToString())
-    handle.write(_key(_GRAPH) + _varint(graph.ByteSize() + weights_size))
+    handle.write(wire.field_header(_GRAPH, graph.ByteSize() + weights_size))
     handle.write(graph.SerializeToString())
     for weight, size in zip(model.graph.initializer, sizes):
-        handle.write(_key(_INITIALIZER) + _varint(size))
-        handle.write(weight.SerializeToString())
+        handle.write(wire.field_header(_INITIALIZER, size))
+        if is_reference(weight):
+            shell = _shell(weight)
+            handle.write(shell.SerializeToString())
+            handle.write(wire.field_header(_RAW_DATA, payload_bytes(weight)))
+            copy_reference(weight, handle)
+        else:
+            handle.write(weight.SerializeToString())
 
 
 def encoded_size(model: onnx.ModelProto) -> int:
-    """model.ByteSize(), without encoding the weights (ByteSize encodes the whole model)."""
+    """The size of the model's encoding as saved without external data (model.ByteSize()
+    where it holds its weights), without encoding the weights."""
     head, graph = _without_weights(model)
-    weights_size = sum(_field_size(_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
-    return head.ByteSize() + _field_size(_GRAPH, graph.ByteSize() + weights_size)
+    weights_size = sum(wire.field_size(_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
+    return head.ByteSize() + wire.field_size(_GRAPH, graph.ByteSize() + weights_size)
 
 
 def _without_weights(model):
     """(the model without its graph, the graph without its initializers): small messages."""
     head, graph = onnx.ModelProto(), onnx.GraphProto()
-    copy_fields(model, head, but="graph")
-    copy_fields(model.graph, graph, but="initializer")
+    copy_fields(model, head, but=("graph",))
+    copy_fields(model.graph, graph, but=("initializer",))
     return head, graph
 
 
 def _encoded_tensor_size(tensor: onnx.TensorProto) -> int:
-    if not tensor.HasField("raw_data") or payload_bytes(tensor) < 1 << 16:
-        return tensor.ByteSize()  # encoding a small tensor is cheaper than copying its fields
+    if is_reference(tensor) or (tensor.HasField("raw_data") and payload_bytes(tensor) >= 1 << 16):
+        return _shell(tensor).ByteSize() + wire.field_size(_RAW_DATA, payload_bytes(tensor))
+    return tensor.ByteSize()  # encoding a small tensor is cheaper than copying its fields
+
+
+def _shell(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor without its bytes, nor the reference to them."""
     shell = onnx.TensorProto()
-    copy_fields(tensor, shell, but="raw_data")
-    return shell.ByteSize() + _field_size(_RAW_DATA, payload_bytes(tensor))
+    skipped = ("raw_data", "external_data", "data_location") if is_reference(tensor) else ("raw_data",)
+    copy_fields(tensor, shell, but=skipped)
+    return shell
 
 
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -141,31 +216,13 @@ _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | 2)  # wire type 2: length-delimited
+def copy_fields(source, target, but: tuple) -> None:
+    """Copy every field set in `source` but those named into the empty message `target`.
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field_size(number: int, size: int) -> int:
-    """Bytes taken by a length-delimited field holding `size` bytes."""
-    return len(_key(number)) + len(_varint(size)) + size
-
-
-def copy_fields(source, target, but: str) -> None:
-    """Copy every field set in `source` but one into the empty message `target`.
-
-    The skipped field is never read: reading a bytes field copies it.
+    The skipped fields are never read: reading a bytes field copies it.
     """
     for field in source.DESCRIPTOR.fields:
-        if field.name == but:
+        if field.name in but:
             continue
         if field.is_repeated:
             values = getattr(source, field.name)
@@ -194,7 +251,7 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     Not len(tensor.raw_data): reading the field copies the bytes, which on a model of
     hundreds of megabytes costs as much as loading it.
     """
-    if not tensor.HasField("raw_data"):
+    if not tensor.HasField("raw_data") and not is_reference(tensor):
         return tensor.ByteSize()
     count = math.prod(tensor.dims)
     if tensor.data_type in _HALF_BYTE:
@@ -202,11 +259,8 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as error:
-        raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    onnx.external_data_helper.load_external_data_for_model(model, str(folder))
 
 
 def _all_tensors(model: onnx.ModelProto):

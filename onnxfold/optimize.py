@@ -11,14 +11,10 @@ import onnx_graphsurgeon as gs
 from .engine import Engine, NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .modelio import copy_fields, load_model, payload_bytes
+from .modelio import load_model, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
-
-# Weights above this many bytes are left out of the copy that shape inference reads.
-_SHAPE_INFERENCE_WEIGHT_LIMIT = 4096
-
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
@@ -92,7 +88,7 @@ def select_rules(rules, only=None, skip=None) -> list:
 
 def _apply_inferred_shapes(graph, model) -> None:
     """Fill in value shapes from ONNX shape inference, run on a copy without big weights."""
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(without_large_weights(model), strict_mode=False, data_prop=True)
     tensors = graph.tensors()
     for info in [*inferred.graph.value_info, *inferred.graph.output]:
         tensor = tensors.get(info.name)
@@ -105,21 +101,3 @@ def _apply_inferred_shapes(graph, model) -> None:
                         for d in kind.shape.dim]
         if tensor.dtype is None and kind.elem_type:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type)
-
-
-def _skeleton(model) -> onnx.ModelProto:
-    """The model with big weights turned into typed graph inputs: cheap to copy and infer."""
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, but="graph")
-    graph = skeleton.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    declared = {info.name for info in model.graph.input}
-    for weight in model.graph.initializer:
-        if payload_bytes(weight) <= _SHAPE_INFERENCE_WEIGHT_LIMIT:
-            graph.initializer.append(weight)
-        elif weight.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
-    return skeleton

@@ -1,0 +1,199 @@
+"""Weights left in their files until they are needed.
+
+A model read with `modelio.open_model` holds only its structure in memory: each large
+initializer of the main graph is a reference to where its bytes lie, in the model file
+itself or in its external data file. A reference is ONNX's external-data form with an
+absolute `basepath` entry, which only onnxfold writes and never saves. Folds read a
+weight when they need it; saving copies untouched weights from file to file in pieces.
+So opening a 500 MB model costs a few megabytes, and its weights are never all in memory.
+
+The referenced files must not change while the model is in use. onnxfold's own output is
+written to a scratch file and moved into place only when complete, so even an output
+that replaces the input is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import wire
+from .errors import OnnxfoldError
+
+# Weights up to this many bytes are read into memory when a model is opened.
+INLINE_LIMIT = 4096
+
+# Element types whose raw bytes numpy reads as they are (little-endian, as ONNX stores them).
+RAW_TYPES = {getattr(onnx.TensorProto, name): np.dtype(kind).newbyteorder("<") for name, kind in (
+    ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16), ("INT8", np.int8),
+    ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64), ("UINT8", np.uint8),
+    ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64), ("BOOL", np.bool_))}
+
+_BASEPATH = "basepath"
+_COPY_CHUNK = 1 << 24  # bytes per read when copying a weight from file to file
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def is_reference(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        entry.key == _BASEPATH for entry in tensor.external_data)
+
+
+def read_reference(tensor: onnx.TensorProto) -> np.ndarray:
+    """The referenced weight as a new read-only array."""
+    path, offset, length = _where(tensor)
+    array = np.empty(tuple(tensor.dims), RAW_TYPES[tensor.data_type])
+    with _open(path) as source:
+        source.seek(offset)
+        got = source.readinto(array.reshape(-1).view(np.uint8))
+    if got != length:
+        raise OnnxfoldError(f"the data of weight '{tensor.name}' ends early", path)
+    array.flags.writeable = False
+    return array
+
+
+def copy_reference(tensor: onnx.TensorProto, target) -> None:
+    """Write the referenced bytes to the open file `target`, a piece at a time."""
+    path, offset, length = _where(tensor)
+    buffer = memoryview(bytearray(min(length, _COPY_CHUNK)))
+    with _open(path) as source:
+        source.seek(offset)
+        while length:
+            got = source.readinto(buffer[:min(length, len(buffer))])
+            if not got:
+                raise OnnxfoldError(f"the data of weight '{tensor.name}' ends early", path)
+            target.write(buffer[:got])
+            length -= got
+
+
+def loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model with every referenced weight read in: for onnxruntime."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if is_reference(tensor):
+            data = read_reference(tensor).tobytes()
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = data
+    return copy
+
+
+# --- opening a model -----------------------------------------------------------------------
+
+def scan_model(buffer, path: Path) -> onnx.ModelProto:
+    """The model encoded in `buffer`, the contents of the file `path`, with the large
+    initializers of its main graph left in the file as references.
+
+    Only the main graph's fields are walked; everything else is parsed by protobuf as usual.
+    Raises wire.Malformed where the bytes are not what onnx.save writes, so that the
+    caller can fall back to reading the whole file.
+    """
+    head, graph_value = [], None
+    for number, start, value_start, stop in wire.fields(buffer, 0, len(buffer)):
+        if number == _GRAPH and value_start is not None:
+            if graph_value is not None:
+                raise wire.Malformed("two graph fields")
+            graph_value = (value_start, stop)
+        else:
+            head.append(buffer[start:stop])
+    model = onnx.ModelProto.FromString(b"".join(head))
+    if graph_value is None:
+        return model
+    rest, weights = [], []
+    for number, start, value_start, stop in wire.fields(buffer, *graph_value):
+        if number == _INITIALIZER and value_start is not None:
+            weights.append(_weight(buffer, value_start, stop, path))
+        else:
+            rest.append(buffer[start:stop])
+    model.graph.ParseFromString(b"".join(rest))
+    model.graph.initializer.extend(weights)
+    return model
+
+
+def _weight(buffer, start, stop, path) -> onnx.TensorProto:
+    """One initializer: a reference to its raw bytes in the file where they are large."""
+    raw, shell = None, []
+    for number, field_start, value_start, field_stop in wire.fields(buffer, start, stop):
+        if number == _RAW_DATA and value_start is not None and raw is None:
+            raw = (value_start, field_stop - value_start)
+        else:
+            shell.append(buffer[field_start:field_stop])
+    if raw is None or raw[1] <= INLINE_LIMIT:
+        return onnx.TensorProto.FromString(buffer[start:stop])
+    tensor = onnx.TensorProto.FromString(b"".join(shell))
+    if tensor.HasField("raw_data") or tensor.external_data or not _plain_raw(tensor, raw[1]):
+        return onnx.TensorProto.FromString(buffer[start:stop])  # unusual: read it as it is
+    _refer(tensor, path, *raw)
+    return tensor
+
+
+def refer_to_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Turn the main graph's external-data weights into references, where they are plain
+    and inside `folder`; read every other external tensor in (as onnx.load would)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or is_reference(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        path = _inside(folder, info.get("location", ""))
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else _expected_bytes(tensor)
+        if path and length is not None and _plain_raw(tensor, length) and \
+                offset + length <= path.stat().st_size:
+            _refer(tensor, path, offset, length)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not is_reference(tensor):
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _inside(folder: Path, location: str):
+    """The regular file `location` names inside `folder`, or None (onnx's loader then
+    reads it, or says what is wrong with it)."""
+    if not location or os.path.isabs(location):
+        return None
+    path = folder / location
+    try:
+        if not path.is_file() or folder.resolve() not in path.resolve().parents:
+            return None
+    except OSError:
+        return None
+    return path
+
+
+def _plain_raw(tensor: onnx.TensorProto, length: int) -> bool:
+    """Plain little-endian bytes numpy reads as they are, exactly as many as the shape says."""
+    return not tensor.HasField("segment") and _expected_bytes(tensor) == length
+
+
+def _expected_bytes(tensor: onnx.TensorProto):
+    dtype = RAW_TYPES.get(tensor.data_type)
+    return None if dtype is None else int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+
+
+def _refer(tensor: onnx.TensorProto, path: Path, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    path = Path(os.path.abspath(path))
+    for key, value in (("location", path.name), ("offset", offset), ("length", length),
+                       (_BASEPATH, path.parent)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _where(tensor: onnx.TensorProto):
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return Path(info[_BASEPATH]) / info["location"], int(info["offset"]), int(info["length"])
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise OnnxfoldError(f"cannot read a weight's data ({error.strerror})", path) from None
