@@ -19,7 +19,7 @@ from .graph import attributes, constant_values, infer_output_shapes, is_constant
 from .pattern import ALIASES, Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
-from .transforms import TRANSFORMS
+from .transforms import STORED_TYPE_ARGS, TRANSFORMS
 
 # Errors a predicate or transform may raise on a graph it cannot reason about (unknown
 # shapes, malformed weights). The rule then does not fire, and the reason is recorded.
@@ -216,7 +216,8 @@ def _predicate_arg(arg, match):
     return arg.value
 
 
-def _transform_arg(arg, match, computed):
+def _transform_arg(arg, match, computed, stored_type=False):
+    """A transform's argument: constants as float64 arrays, or as stored where asked."""
     if isinstance(arg, Literal):
         return arg.value
     if isinstance(arg, Attribute):
@@ -229,13 +230,17 @@ def _transform_arg(arg, match, computed):
     if not is_constant(tensor):
         raise ValueError(f"'{tensor.name}' is not a constant")
     values = constant_values(tensor)
-    return values.astype(np.float64) if np.issubdtype(values.dtype, np.floating) else values
+    if stored_type or not np.issubdtype(values.dtype, np.floating):
+        return values
+    return values.astype(np.float64)
 
 
 def _compute(rule, match) -> dict:
     computed = {}
     for line in rule.compute:
-        result = TRANSFORMS[line.function](*[_transform_arg(a, match, computed) for a in line.args])
+        stored = STORED_TYPE_ARGS[line.function]
+        args = [_transform_arg(a, match, computed, i in stored) for i, a in enumerate(line.args)]
+        result = TRANSFORMS[line.function](*args)
         results = result if len(line.targets) > 1 else (result,)
         if len(results) != len(line.targets):
             raise ValueError(f"{line.function} returned {len(results)} values for {len(line.targets)} names")

@@ -1,8 +1,8 @@
 """How much: the algebra of every fold, as short pure functions on float64 arrays.
 
 Nothing here knows about graphs. Every function takes arrays (a missing bias is None)
-and returns new arrays; inputs are never modified. The engine casts the results to the
-model's element type once, after all arithmetic is done in float64.
+and returns new float64 arrays; inputs are never modified. The engine casts the results
+to the model's element type once, after all arithmetic is done in float64.
 
 Layouts (ONNX): Conv weight W[O, I/g, k...], ConvTranspose weight W[I, O/g, k...],
 Gemm/MatMul weight B[K, N] (or [N, K] with transB).
@@ -13,12 +13,24 @@ from __future__ import annotations
 import numpy as np
 
 TRANSFORMS: dict = {}
+STORED_TYPE_ARGS: dict = {}  # transform name -> positions of the arguments given as stored
 
 
-def transform(function):
-    """Register `function` under its own name, for rule files to call."""
-    TRANSFORMS[function.__name__] = function
-    return function
+def transform(function=None, *, stored=()):
+    """Register `function` under its own name, for rule files to call.
+
+    `stored` names weights the engine passes in the model's own floating type (float32,
+    float16) instead of converting them to float64 first, sparing a full-size copy of each
+    large weight. Only for weights whose every use is exact in float64 anyway: multiplied
+    by or added into a float64 array (numpy then computes in float64), copied into one,
+    or only measured. Tests check such transforms give bit-identical results either way.
+    """
+    def register(function):
+        TRANSFORMS[function.__name__] = function
+        names = function.__code__.co_varnames[:function.__code__.co_argcount]
+        STORED_TYPE_ARGS[function.__name__] = frozenset(i for i, name in enumerate(names) if name in stored)
+        return function
+    return register(function) if function is not None else register
 
 
 # --- BatchNormalization as an affine map y = s*x + t -------------------------------------
@@ -39,7 +51,7 @@ def _per_channel(vector, axis, ndim):
     return vector.reshape(shape)
 
 
-@transform
+@transform(stored=("W",))
 def fold_bn_into_conv(W, B, gamma, beta, mean, var, epsilon):
     """Conv then BN: W' = W*s[o], b' = s*(b - mean) + beta."""
     scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
@@ -47,7 +59,7 @@ def fold_bn_into_conv(W, B, gamma, beta, mean, var, epsilon):
     return W * _per_channel(scale, 0, W.ndim), scale * bias + shift
 
 
-@transform
+@transform(stored=("W",))
 def fold_bn_into_conv_transpose(W, B, gamma, beta, mean, var, epsilon, group):
     """ConvTranspose then BN: output channel (group q, j) lives at W[q*I/g:(q+1)*I/g, j]."""
     scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
@@ -58,7 +70,7 @@ def fold_bn_into_conv_transpose(W, B, gamma, beta, mean, var, epsilon, group):
     return (grouped * group_scale).reshape(W.shape), scale * bias + shift
 
 
-@transform
+@transform(stored=("B",))
 def fold_bn_into_gemm(B, C, gamma, beta, mean, var, epsilon, gemm_beta, trans_b):
     """Gemm then BN over the N features: scale the columns of op(B); C' = s*beta*C + t."""
     scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
@@ -68,13 +80,13 @@ def fold_bn_into_gemm(B, C, gamma, beta, mean, var, epsilon, gemm_beta, trans_b)
     return scaled, scale * gemm_beta * C + shift
 
 
-@transform
+@transform(stored=("W",))
 def fold_bn_into_matmul(W, C, gamma, beta, mean, var, epsilon):
     """MatMul(x, W) (+ C) then BN over the last axis: W' = W*s[col], C' = s*C + t."""
     return fold_bn_into_gemm(W, C, gamma, beta, mean, var, epsilon, 1.0, False)
 
 
-@transform
+@transform(stored=("W",))
 def fold_bn_into_next_conv(W, B, gamma, beta, mean, var, epsilon, group):
     """BN then an unpadded Conv: W'[o,i] = W[o,i]*s[i], b' = b + sum W[o,i]*t[i]."""
     scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
@@ -97,7 +109,7 @@ def channel_vector(constant, channels):
     return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
 
 
-@transform
+@transform(stored=("W",))
 def scale_conv(W, B, factor):
     """Conv then Mul(c): W*c[o], b*c[o]."""
     scale = channel_vector(factor, W.shape[0])
@@ -111,10 +123,10 @@ def shift_conv(W, B, offset):
     return W, _zeros_if_none(B, W.shape[0]) + channel_vector(offset, W.shape[0])
 
 
-@transform
+@transform(stored=("W",))
 def negate(W, B):
     """The branch -Conv(x): -W, -b."""
-    return -W, -_zeros_if_none(B, W.shape[0])
+    return np.negative(W, dtype=np.float64), -_zeros_if_none(B, W.shape[0])
 
 
 # --- branches expressed as kernels ---------------------------------------------------------
@@ -127,7 +139,7 @@ def _channel_diagonal(channels, in_per_group, spatial):
     return kernel
 
 
-@transform
+@transform(stored=("W",))
 def identity_branch(W):
     """x itself, as an unpadded 1x1 kernel in the layout of the conv W it joins.
 
@@ -138,7 +150,7 @@ def identity_branch(W):
     return kernel, np.zeros(W.shape[0]), [0] * (2 * rank)
 
 
-@transform
+@transform(stored=("W",))
 def bn_branch(W, gamma, beta, mean, var, epsilon):
     """BN(x) as an unpadded 1x1 kernel: the identity kernel times s, bias t."""
     scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
@@ -146,7 +158,7 @@ def bn_branch(W, gamma, beta, mean, var, epsilon):
     return kernel * _per_channel(scale, 0, kernel.ndim), shift, pads
 
 
-@transform
+@transform(stored=("W",))
 def avgpool_branch(W, kernel_shape, pads):
     """AveragePool(x) (kernel k) as a conv: 1/prod(k) on the channel diagonal."""
     kernel = _channel_diagonal(W.shape[0], W.shape[1], tuple(kernel_shape))
@@ -165,7 +177,7 @@ def avgpool_bn_as_conv(kernel_shape, gamma, beta, mean, var, epsilon):
     return kernel * _per_channel(scale, 0, kernel.ndim), shift, channels
 
 
-@transform
+@transform(stored=("W",))
 def ungroup(W, group):
     """A grouped conv's weight as the block-diagonal weight of an ungrouped conv."""
     out_channels, in_per_group = W.shape[0], W.shape[1]
@@ -227,7 +239,7 @@ def _window(offsets, kernel):
     return (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offsets, kernel)))
 
 
-@transform
+@transform(stored=("Wa", "Wb",))
 def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
     """Conv_a(x) + Conv_b(x) as one conv; the smaller kernel is embedded in the larger.
 

@@ -246,3 +246,48 @@ def test_fold_keeps_float16_rounding_to_one_cast():
     once = exact.astype(np.float16)
     assert np.abs(once.astype(np.float64) - exact).max() <= np.abs(exact).max() * 2 ** -10
     assert onnx.helper.np_dtype_to_tensor_dtype(once.dtype) == TensorProto.FLOAT16
+
+
+def _stored_type_examples(rng):
+    """Float64 arguments for every transform that takes weights in their stored type."""
+    W, B, bn = rng.normal(size=(6, 3, 3, 3)), rng.normal(size=6), bn_params(rng, 6)
+    return {
+        "fold_bn_into_conv": (W, B, *bn.values(), 1e-5),
+        "fold_bn_into_conv_transpose": (rng.normal(size=(4, 3, 3, 3)), B, *bn.values(), 1e-5, 2),
+        "fold_bn_into_gemm": (rng.normal(size=(5, 6)), B, *bn.values(), 1e-5, 0.5, False),
+        "fold_bn_into_matmul": (rng.normal(size=(5, 6)), B, *bn.values(), 1e-5),
+        "fold_bn_into_next_conv": (rng.normal(size=(4, 3, 1, 1)), None, *bn.values(), 1e-5, 2),
+        "scale_conv": (W, B, rng.normal(size=(1, 6, 1, 1))),
+        "negate": (W, B),
+        "identity_branch": (W,),
+        "bn_branch": (rng.normal(size=(6, 6, 3, 3)), *bn.values(), 1e-5),
+        "avgpool_branch": (W, [3, 3], [1, 1, 1, 1]),
+        "ungroup": (rng.normal(size=(6, 2, 3, 3)), 3),
+        "add_conv_branches": (W, B, [1] * 4, W[:, :, :1, :1].copy(), None, [0] * 4, [1, 1]),
+    }
+
+
+def test_weights_in_their_stored_type_give_bit_identical_folds():
+    """Transforms told to take weights as stored (float32, float16) compute exactly what
+    they compute from the weights converted to float64: same values, same type."""
+    rng = np.random.default_rng(7)
+    examples = _stored_type_examples(rng)
+    marked = {name for name, positions in transforms.STORED_TYPE_ARGS.items() if positions}
+    assert marked == set(examples), "give every transform with stored=... an example here"
+    for name, args in examples.items():
+        for stored_type in (np.float32, np.float16):
+            stored = [a.astype(stored_type) if i in transforms.STORED_TYPE_ARGS[name] else a
+                      for i, a in enumerate(args)]
+            widened = [a.astype(np.float64) if i in transforms.STORED_TYPE_ARGS[name] else a
+                       for i, a in enumerate(stored)]
+            for got, want in zip(_as_tuple(transforms.TRANSFORMS[name](*stored)),
+                                 _as_tuple(transforms.TRANSFORMS[name](*widened))):
+                if isinstance(want, np.ndarray):
+                    assert got.dtype == want.dtype == np.float64, (name, stored_type)
+                    assert got.tobytes() == want.tobytes(), (name, stored_type)
+                else:
+                    assert got == want, (name, stored_type)
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
