@@ -9,13 +9,14 @@ over every node confirms the fixpoint. Every rewrite has fewer nodes than it rep
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer
+from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer, release_values
 from .pattern import ALIASES, Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
@@ -51,6 +52,7 @@ class Engine:
         self.removed: set = set()
         self.rewrites: list = []
         self.misses: dict = {}  # (rule, node name) -> reason, the latest seen
+        self.computed_weights: dict = {}  # id -> weak reference, for each constant a fold made
 
     def run(self) -> None:
         budget = len(self.rewrites) + len(self.graph.nodes) + 1
@@ -156,6 +158,8 @@ class Engine:
             self.own_nodes.add(id(node))
             infer_output_shapes(node, self.graph.opset)
             new_nodes.append(node)
+        for tensor in neighbours:  # after the new nodes took what they keep
+            self._release_if_unused(tensor)
         self.rewrites.append(Rewrite(rule.name, [n.name for n in old_nodes], [n.name for n in new_nodes]))
         follow = list(new_nodes)
         follow += [c for node in new_nodes for t in node.outputs for c in t.outputs]
@@ -185,7 +189,18 @@ class Engine:
             return gs.Variable.empty()
         constant = gs.Constant(self.names.fresh(arg.name), np.ascontiguousarray(np.asarray(value).astype(dtype)))
         scope[arg.name] = constant
+        self.computed_weights[id(constant)] = weakref.ref(constant)
         return constant
+
+    def _release_if_unused(self, tensor) -> None:
+        """Free a weight a fold made, once a later fold has used it up.
+
+        Only those: no other scope captures them and no graph outputs them.
+        """
+        made = self.computed_weights.get(id(tensor))
+        if made is not None and made() is tensor and not tensor.outputs:
+            del self.computed_weights[id(tensor)]
+            release_values(tensor)
 
 
 def tensor_is_root(match, name, root_tensor) -> bool:

@@ -309,3 +309,20 @@ g (float16[1,4,8,8] x, float16[6,4,3,3] W, float[6] gamma, float[6] beta, float[
     assert op_counts(optimized) == op_counts(model)
     assert not report.rewrites
     assert_same_function(model, optimized)
+
+
+def test_weights_a_later_fold_used_up_are_freed_at_once(monkeypatch):
+    """A RepVGG block's conv+BN folds make weights that the branch merges then consume:
+    those are freed as soon as they are used up (not when Python's cycle collector runs),
+    and nothing the output still needs is."""
+    import onnxfold.engine
+
+    released = []
+    real = onnxfold.engine.release_values
+    monkeypatch.setattr(onnxfold.engine, "release_values", lambda t: (released.append(t.name), real(t)))
+    model = model_from_text(REPVGG_BLOCK)
+    optimized, report = optimize(model)
+    assert [r.rule for r in report.rewrites].count("fold-bn-into-conv") == 2
+    assert len(released) >= 2, released  # at least the two folded conv weights
+    assert not set(released) & {t.name for t in optimized.graph.initializer}
+    assert_same_function(model, optimized)
