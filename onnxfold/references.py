@@ -90,9 +90,9 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
     """The model encoded in `buffer`, the contents of the file `path`, with the large
     initializers of its main graph left in the file as references.
 
-    Only the main graph's fields are walked; everything else is parsed by protobuf as usual.
-    Raises wire.Malformed where the bytes are not what onnx.save writes, so that the
-    caller can fall back to reading the whole file.
+    Only the fields of the model and its main graph are walked, and the fields of large
+    initializers; protobuf parses everything else, in one piece. Raises wire.Malformed
+    where the bytes are not what onnx.save writes, for the caller to read the file whole.
     """
     head, graph_value = [], None
     for number, start, value_start, stop in wire.fields(buffer, 0, len(buffer)):
@@ -105,19 +105,29 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(b"".join(head))
     if graph_value is None:
         return model
-    rest, weights = [], []
+    pieces, references, count = [], [], 0
     for number, start, value_start, stop in wire.fields(buffer, *graph_value):
         if number == _INITIALIZER and value_start is not None:
-            weights.append(_weight(buffer, value_start, stop, path))
-        else:
-            rest.append(buffer[start:stop])
-    model.graph.ParseFromString(b"".join(rest))
-    model.graph.initializer.extend(weights)
+            shell, raw = _without_raw_data(buffer, value_start, stop)
+            if shell is not None:
+                pieces.append(wire.field_header(_INITIALIZER, len(shell)) + shell)
+                references.append((count, raw))
+                count += 1
+                continue
+            count += 1
+        pieces.append(buffer[start:stop])
+    model.graph.ParseFromString(b"".join(pieces))
+    for index, (offset, length) in references:
+        _refer(model.graph.initializer[index], path, offset, length)
     return model
 
 
-def _weight(buffer, start, stop, path) -> onnx.TensorProto:
-    """One initializer: a reference to its raw bytes in the file where they are large."""
+def _without_raw_data(buffer, start, stop):
+    """(the encoding of the tensor in buffer[start:stop] without its bytes, (offset,
+    length) of them), or (None, None) where they are small or a reference cannot stand
+    for them (then the tensor is read as it is)."""
+    if stop - start <= INLINE_LIMIT:
+        return None, None
     raw, shell = None, []
     for number, field_start, value_start, field_stop in wire.fields(buffer, start, stop):
         if number == _RAW_DATA and value_start is not None and raw is None:
@@ -125,12 +135,13 @@ def _weight(buffer, start, stop, path) -> onnx.TensorProto:
         else:
             shell.append(buffer[field_start:field_stop])
     if raw is None or raw[1] <= INLINE_LIMIT:
-        return onnx.TensorProto.FromString(buffer[start:stop])
-    tensor = onnx.TensorProto.FromString(b"".join(shell))
-    if tensor.HasField("raw_data") or tensor.external_data or not _plain_raw(tensor, raw[1]):
-        return onnx.TensorProto.FromString(buffer[start:stop])  # unusual: read it as it is
-    _refer(tensor, path, *raw)
-    return tensor
+        return None, None
+    shell = b"".join(shell)
+    tensor = onnx.TensorProto.FromString(shell)
+    if tensor.HasField("raw_data") or tensor.data_location != onnx.TensorProto.DEFAULT or \
+            not _plain_raw(tensor, raw[1]):
+        return None, None
+    return shell, raw
 
 
 def refer_to_external_data(model: onnx.ModelProto, folder: Path) -> None:

@@ -128,3 +128,25 @@ def test_optimizing_a_model_in_place_reads_its_weights_before_replacing_it(tmp_p
     replaced = onnx.load(str(path))
     assert [n.op_type for n in replaced.graph.node] == ["Conv"]
     assert_same_function(model, replaced)
+
+
+def test_unusual_encodings_read_as_onnx_reads_them(tmp_path):
+    """Encodings onnx.save never writes but protobuf accepts: a graph given in two pieces
+    (protobuf merges them) and a weight whose bytes are given twice (the last counts)."""
+    from onnxfold import wire
+
+    model = model_with_large_weights()
+    big = next(t for t in model.graph.initializer if t.name == "big")
+    twice = big.SerializeToString() + wire.field_header(9, 8) + b"\x00" * 8  # raw_data again
+    graph = onnx.GraphProto()
+    graph.initializer.add().ParseFromString(twice)
+    encoded = model.SerializeToString() + wire.field_header(7, graph.ByteSize()) + graph.SerializeToString()
+    path = tmp_path / "odd.onnx"
+    path.write_bytes(encoded)
+    expected = onnx.load(str(path))
+    assert len(expected.graph.initializer) == len(model.graph.initializer) + 1
+    assert same_model(loaded(open_model(path)[0]), expected)
+    # The graph alone, then the opset imports: fields in an order onnx.save does not use.
+    path.write_bytes(wire.field_header(7, graph.ByteSize()) + graph.SerializeToString() + b"".join(
+        wire.field_header(8, o.ByteSize()) + o.SerializeToString() for o in model.opset_import))
+    assert same_model(loaded(open_model(path)[0]), onnx.load(str(path)))
