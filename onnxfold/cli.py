@@ -87,11 +87,14 @@ def main():
 @click.option("--external-data-size-threshold", "size_threshold", default="1K", show_default=True,
               metavar="SIZE", callback=lambda ctx, param, value: _size(value),
               help="With external data: tensors smaller than SIZE (bytes; K, M, G suffixes) stay inline.")
+@click.option("--freeze-weight-inputs", is_flag=True,
+              help="Old exports list weights as graph inputs too: take them as fixed (they stop "
+                   "being inputs) and fold them. Without it such models are refused.")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_handle_errors
 def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
-                     keep_failed, external_data, size_threshold, force, quiet):
+                     keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet):
     """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR.
 
     \b
@@ -99,7 +102,7 @@ def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, exp
     onnxfold optimize models/ extra.onnx --out-dir optimized/ -j 2
     """
     options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data,
-                         size_threshold)
+                         size_threshold, freeze_weight_inputs)
     if out_dir is None:
         if len(paths) != 2:
             raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")

@@ -6,7 +6,7 @@ from .optimize import optimize
 from .verify import verify_models
 
 
-def verify_optimization(original, optimized, rules, report) -> dict:
+def verify_optimization(original, optimized, rules, report, freeze_weight_inputs=False) -> dict:
     """Parity of `optimized` against `original`; on failure, name the rules to blame.
 
     A rule is blamed when optimizing without it (and with every other rule) passes.
@@ -17,7 +17,7 @@ def verify_optimization(original, optimized, rules, report) -> dict:
         return result
     for name in report.fired():
         without = [rule for rule in rules if rule.name != name]
-        candidate, _ = optimize(original, rules=without)
+        candidate, _ = optimize(original, rules=without, freeze_weight_inputs=freeze_weight_inputs)
         if verify_models(original, candidate, latency=False).passed:
             result["culprits"].append(name)
     return result

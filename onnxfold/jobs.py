@@ -26,6 +26,7 @@ class JobOptions:
     force: bool = False
     external_data: bool | None = None  # None: as the input had it, or when too big
     size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
+    freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
 
 
 @dataclass
@@ -60,14 +61,15 @@ def _run(source, target, options, rules, result) -> None:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
                                "optimizing anyway")
     try:
-        optimized, report = optimize(model, rules=rules)
+        optimized, report = optimize(model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs)
     except OnnxfoldError as error:  # a refusal about the model: name its file
         raise error if error.path else OnnxfoldError(str(error), source) from None
     result.report = report
     if options.verify:
         from .culprit import verify_optimization
 
-        report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report)
+        report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report,
+                                                  options.freeze_weight_inputs)
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:

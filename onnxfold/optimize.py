@@ -11,21 +11,27 @@ import onnx_graphsurgeon as gs
 from .engine import Engine, NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .modelio import load_model, without_large_weights
+from .modelio import copy_fields, load_model, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 
-def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
+def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
 
+    Weights also listed as graph inputs (old exports) are refused, or with
+    `freeze_weight_inputs` taken as fixed: dropped from the graph inputs, then folded.
     Returns (optimized ModelProto, Report).
     """
     started = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
-    _refuse_overridable_weights(model)
+    frozen = _weight_inputs(model)
+    if frozen and not freeze_weight_inputs:
+        _refuse_overridable_weights(frozen)
+    if frozen:
+        model = _without_inputs(model, set(frozen))
     before = model_stats(model)
     graph = gs.import_onnx(model)
     _apply_inferred_shapes(graph, model)
@@ -49,7 +55,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None):
     gc.collect()
     report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
                     normalized=normalized, rewrites=rewrites, misses=misses,
-                    rules=[rule.name for rule in rules])
+                    rules=[rule.name for rule in rules], frozen_inputs=frozen)
     return optimized, report
 
 
@@ -64,15 +70,27 @@ def _rewrite_to_fixpoint(graph, engine) -> dict:
             return normalized
 
 
-def _refuse_overridable_weights(model) -> None:
-    """Weights listed as graph inputs may be replaced at run time: no fold of them is exact."""
+def _weight_inputs(model) -> list:
+    """Names of weights also listed as graph inputs: values that may be replaced at run time."""
     inputs = {info.name for info in model.graph.input}
-    both = [t.name for t in model.graph.initializer if t.name in inputs]
-    if both:
-        raise OnnxfoldError(
-            f"{len(both)} weights are also graph inputs (overridable at run time, e.g. '{both[0]}'); "
-            "folding them would not be exact. Re-export with keep_initializers_as_inputs=False, "
-            "or drop them from the graph inputs (onnx.version_converter / IR version 4 or newer)")
+    return [t.name for t in model.graph.initializer if t.name in inputs]
+
+
+def _refuse_overridable_weights(names) -> None:
+    raise OnnxfoldError(
+        f"{len(names)} weights are also graph inputs (overridable at run time, e.g. '{names[0]}'); "
+        "folding them would not be exact. Pass --freeze-weight-inputs to take them as fixed "
+        "(they stop being inputs), or re-export with keep_initializers_as_inputs=False")
+
+
+def _without_inputs(model, names) -> onnx.ModelProto:
+    """A copy of the model with the named graph inputs dropped (IR 4+ needs no others)."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, but=("graph",))
+    copy_fields(model.graph, copy.graph, but=("input",))
+    copy.graph.input.extend(info for info in model.graph.input if info.name not in names)
+    copy.ir_version = max(copy.ir_version, 4)
+    return copy
 
 
 def select_rules(rules, only=None, skip=None) -> list:

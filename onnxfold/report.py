@@ -46,6 +46,7 @@ class Report:
     rewrites: list
     misses: list
     rules: list
+    frozen_inputs: list = field(default_factory=list)  # weights that stopped being graph inputs
     verification: dict | None = field(default=None)
 
     def fired(self) -> dict:
@@ -61,6 +62,7 @@ class Report:
             "rewrites": [asdict(r) for r in self.rewrites],
             "not_applied": [asdict(m) for m in self.misses],
             "rules": self.rules,
+            "frozen_weight_inputs": self.frozen_inputs,
             "verification": self.verification,
         }
 
@@ -70,6 +72,9 @@ class Report:
                                  ("model size", "bytes", " B")):
             lines.append(f"{label:<12}{self.before[key]:>12,}{unit} -> {self.after[key]:>12,}{unit}")
         lines.append(f"{'time':<12}{self.seconds:>12.3f} s")
+        if self.frozen_inputs:
+            lines.append(f"froze {len(self.frozen_inputs)} weights that were graph inputs "
+                         f"(e.g. '{self.frozen_inputs[0]}'): they are no longer inputs")
         fired = self.fired()
         lines.append("rules fired: " + (", ".join(f"{k} x{v}" for k, v in fired.items()) or "none"))
         cleaned = {k: v for k, v in self.normalized.items() if v}

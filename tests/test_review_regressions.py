@@ -5,6 +5,8 @@ Each builds the smallest model that showed it and checks validity and parity.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -129,3 +131,49 @@ def test_weights_that_are_also_graph_inputs_are_refused():
     model.graph.input.append(onnx.helper.make_tensor_value_info("one", onnx.TensorProto.FLOAT, [4]))
     with pytest.raises(OnnxfoldError, match="graph inputs"):
         optimize(model)
+
+
+def _old_style_conv_bn():
+    """Conv + BN as old exporters wrote it (keep_initializers_as_inputs): IR 3, opset 8,
+    every weight also a graph input."""
+    model = model_from_text("""
+<ir_version: 8, opset_import: ["" : 8]>
+g (float[1,3,8,8] x, float[4,3,3,3] W, float[4] gamma, float[4] beta, float[4] mean, float[4] var)
+  => (float[1,4,8,8] y) {
+  c = Conv<pads=[1,1,1,1]>(x, W)
+  y = BatchNormalization(c, gamma, beta, mean, var)
+}""")
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer)
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_weight_inputs_are_folded_when_asked_to_freeze_them():
+    model = _old_style_conv_bn()
+    with pytest.raises(OnnxfoldError, match="--freeze-weight-inputs"):
+        optimize(model)
+    optimized, report = optimize(model, freeze_weight_inputs=True)
+    assert [n.op_type for n in optimized.graph.node] == ["Conv"]
+    assert [i.name for i in optimized.graph.input] == ["x"]
+    assert sorted(report.frozen_inputs) == ["W", "beta", "gamma", "mean", "var"]
+    assert optimized.ir_version >= 4
+    onnx.checker.check_model(optimized, full_check=True)
+    feeds = {"x": np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    assert_same_function(model, optimized, feeds=feeds)  # the weights as stored, not fed
+
+
+def test_freeze_weight_inputs_from_the_command_line(tmp_path):
+    from .test_cli import onnxfold
+
+    source, target, report = tmp_path / "old.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(_old_style_conv_bn(), str(source))
+    refused = onnxfold("optimize", source, target)
+    assert refused.returncode == 2 and "--freeze-weight-inputs" in refused.stderr and not target.exists()
+    done = onnxfold("optimize", source, target, "--freeze-weight-inputs", "--verify", "--json", report)
+    assert done.returncode == 0, done.stderr
+    assert "froze 5 weights" in done.stdout and "parity in onnxruntime: passed" in done.stdout
+    assert len(json.loads(report.read_text())["frozen_weight_inputs"]) == 5
+    check = onnxfold("verify", source, target, "--no-latency")
+    assert check.returncode == 0, check.stdout + check.stderr
