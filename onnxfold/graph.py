@@ -109,6 +109,8 @@ def infer_output_shapes(node, opset) -> None:
     cannot be inferred it stays unknown, and rules that need it do not fire.
     """
     present = [t for t in node.inputs if t.name]
+    if all(t.shape is not None for t in node.outputs):
+        return  # a rewrite keeps its root's value, whose shape is known: nothing to infer
     if any(t.dtype is None or t.shape is None for t in present):
         return
     try:
