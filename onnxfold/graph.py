@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .references import RAW_TYPES, is_reference, read_reference
 
@@ -44,6 +44,8 @@ def constant_values(tensor) -> np.ndarray:
     afresh each time, straight from its bytes, or its file (references.py), where it can be.
     """
     stored = tensor._values  # noqa: SLF001 - graph-surgeon's lazily loaded weight
+    if isinstance(stored, SparseValues):  # densified without replacing the sparse form
+        return stored.load().astype(tensor.dtype, copy=False)
     if not isinstance(stored, LazyValues):
         return np.asarray(tensor.values)
     proto = stored.tensor
@@ -53,6 +55,12 @@ def constant_values(tensor) -> np.ndarray:
     if dtype is None or not proto.HasField("raw_data"):
         return stored.load()
     return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
+
+
+def is_reference_constant(tensor) -> bool:
+    """A constant whose values are still in the model's file (references.py)."""
+    stored = getattr(tensor, "_values", None)
+    return type(stored) is LazyValues and is_reference(stored.tensor)
 
 
 def release_values(constant) -> None:

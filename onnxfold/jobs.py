@@ -55,7 +55,12 @@ def _run(source, target, options, rules, result) -> None:
         raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
     if rules is None:
         rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
-    model, external = open_model(source)  # large weights stay in the file until needed
+    model, data_files = open_model(source)  # large weights stay in the file until needed
+    overwritten = [f for f in (target, target.with_name(target.name + ".data"))
+                   if any(same_file(f, data) for data in data_files)]
+    if overwritten and not options.force:
+        raise OnnxfoldError(f"the output would replace the input's external data {overwritten[0]}; "
+                            "pass --force to allow it", source)
     complaint = checker_complaint(model)
     if complaint:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
@@ -74,7 +79,7 @@ def _run(source, target, options, rules, result) -> None:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
         # By default as the input had it (or when too big for one file); else as asked.
-        wanted = (external or None) if options.external_data is None else options.external_data
+        wanted = (bool(data_files) or None) if options.external_data is None else options.external_data
         save_model(optimized, target, external_data=wanted, size_threshold=options.size_threshold)
         result.written = True
 

@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
-from .references import INLINE_LIMIT, copy_reference, is_reference, refer_to_external_data, scan_model
+from .references import (INLINE_LIMIT, copy_reference, forget_basepaths, is_reference, refer_to_external_data,
+                         scan_model)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -25,17 +26,18 @@ def load_model(path) -> onnx.ModelProto:
 
 
 def read_model(path):
-    """(model with its external data loaded, whether the file kept weights outside)."""
+    """(model with its external data loaded, the external data files it read)."""
     path = _readable_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as error:
         raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
+    forget_basepaths(model)
     return model, _with_external_data(model, path, _load_external_data)
 
 
 def open_model(path):
-    """(model, whether the file kept weights outside), the model's large weights left in
+    """(model, the external data files it refers to), the model's large weights left in
     their files as references (see references.py): the cheap way to read a large model."""
     path = _readable_file(path)
     try:
@@ -57,12 +59,13 @@ def _readable_file(path) -> Path:
     return path
 
 
-def _with_external_data(model, path, read_external) -> bool:
-    """Check the model is one, read or refer to its external data; whether it had any."""
+def _with_external_data(model, path, read_external) -> set:
+    """Check the model is one, read or refer to its external data; the files it named."""
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
-                   for t in _all_tensors(model))
+    external = {path.parent / entry.value for t in _all_tensors(model)
+                if t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
+                for entry in t.external_data if entry.key == "location"}
     if external:
         try:
             read_external(model, path.parent)

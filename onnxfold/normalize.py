@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, constant_values, is_constant, producer
+from .graph import attributes, constant_values, is_constant, is_reference_constant, producer
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "identity-and-dropout", "neutral-elementwise",
@@ -95,13 +95,24 @@ def _fold_constant_subgraphs(graph) -> int:
     before = len(graph.nodes)
     _cast_like_constants(graph)
     _static_shapes(graph)
-    if any(_foldable(node) for node in graph.nodes):
+    foldable = [node for node in graph.nodes if _foldable(node)]
+    if foldable:
+        _read_in_weights(foldable)
         # fold_shapes=False: graph-surgeon's shape folding ignores Shape's start/end and
         # elides casts in integer arithmetic; static shapes are folded above instead.
         graph.fold_constants(fold_shapes=False, error_ok=True, should_exclude_node=_never_fold,
                              size_threshold=_FOLD_SIZE_LIMIT)
     graph.cleanup()
     return before - len(graph.nodes)
+
+
+def _read_in_weights(nodes) -> None:
+    """Give the weights these nodes read their values: onnxruntime, which graph-surgeon
+    folds them with, cannot read onnxfold's references into the model file."""
+    for node in nodes:
+        for tensor in node.inputs:
+            if is_constant(tensor) and is_reference_constant(tensor):
+                tensor.values = constant_values(tensor)
 
 
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -210,7 +221,8 @@ def _bypass(graph, node, source=None) -> int:
     if result in outputs:
         # The graph output keeps its name: the source value takes it over, if it can
         # (not a graph input or output, and computed in this graph, not an outer scope).
-        if source in graph.inputs or source in outputs or producer(source) not in graph.nodes:
+        origin = producer(source)
+        if source in graph.inputs or source in outputs or origin is None or origin not in graph.nodes:
             return 0
         source.name = result.name
         source.dtype = source.dtype or result.dtype

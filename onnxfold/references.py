@@ -48,8 +48,7 @@ def read_reference(tensor: onnx.TensorProto) -> np.ndarray:
     """The referenced weight as a new read-only array."""
     path, offset, length = _where(tensor)
     array = np.empty(tuple(tensor.dims), RAW_TYPES[tensor.data_type])
-    with _open(path) as source:
-        source.seek(offset)
+    with _open(path, offset) as source:
         got = source.readinto(array.reshape(-1).view(np.uint8))
     if got != length:
         raise OnnxfoldError(f"the data of weight '{tensor.name}' ends early", path)
@@ -61,8 +60,7 @@ def copy_reference(tensor: onnx.TensorProto, target) -> None:
     """Write the referenced bytes to the open file `target`, a piece at a time."""
     path, offset, length = _where(tensor)
     buffer = memoryview(bytearray(min(length, _COPY_CHUNK)))
-    with _open(path) as source:
-        source.seek(offset)
+    with _open(path, offset) as source:
         while length:
             got = source.readinto(buffer[:min(length, len(buffer))])
             if not got:
@@ -104,6 +102,7 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
             head.append(buffer[start:stop])
     model = onnx.ModelProto.FromString(b"".join(head))
     if graph_value is None:
+        forget_basepaths(model)
         return model
     pieces, references, count = [], [], 0
     for number, start, value_start, stop in wire.fields(buffer, *graph_value):
@@ -117,6 +116,7 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
             count += 1
         pieces.append(buffer[start:stop])
     model.graph.ParseFromString(b"".join(pieces))
+    forget_basepaths(model)
     for index, (offset, length) in references:
         _refer(model.graph.initializer[index], path, offset, length)
     return model
@@ -144,6 +144,16 @@ def _without_raw_data(buffer, start, stop):
     return shell, raw
 
 
+def forget_basepaths(model: onnx.ModelProto) -> None:
+    """Drop `basepath` entries a file gave its tensors: only onnxfold makes references,
+    and a file must not point onnxfold at data outside its folder."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if any(entry.key == _BASEPATH for entry in tensor.external_data):
+            kept = [entry for entry in tensor.external_data if entry.key != _BASEPATH]
+            del tensor.external_data[:]
+            tensor.external_data.extend(kept)
+
+
 def refer_to_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Turn the main graph's external-data weights into references, where they are plain
     and inside `folder`; read every other external tensor in (as onnx.load would)."""
@@ -154,7 +164,10 @@ def refer_to_external_data(model: onnx.ModelProto, folder: Path) -> None:
         path = _inside(folder, info.get("location", ""))
         offset = int(info.get("offset") or 0)
         length = int(info["length"]) if info.get("length") else _expected_bytes(tensor)
-        if path and length is not None and _plain_raw(tensor, length) and \
+        expected = _expected_bytes(tensor)
+        if length is not None and expected is not None and length != expected:
+            raise ValueError(f"weight '{tensor.name}' has {length} bytes of data, its shape needs {expected}")
+        if path and length is not None and offset >= 0 and _plain_raw(tensor, length) and \
                 offset + length <= path.stat().st_size:
             _refer(tensor, path, offset, length)
     for tensor in onnx.external_data_helper._get_all_tensors(model):
@@ -203,8 +216,11 @@ def _where(tensor: onnx.TensorProto):
     return Path(info[_BASEPATH]) / info["location"], int(info["offset"]), int(info["length"])
 
 
-def _open(path: Path):
+def _open(path: Path, offset: int):
+    """The file, open for reading at `offset`."""
     try:
-        return open(path, "rb")
+        handle = open(path, "rb")
     except OSError as error:
         raise OnnxfoldError(f"cannot read a weight's data ({error.strerror})", path) from None
+    handle.seek(offset)  # never past what the reference was checked against
+    return handle
