@@ -289,8 +289,7 @@ def _element_types_agree(rule, match) -> str | None:
 
 
 def _compute_inputs(rule, match) -> set:
-    names = {arg.name for line in rule.compute for arg in line.args if isinstance(arg, Name)}
-    return {match.values[n].name for n in names if match.values.get(n) is not None}
+    return {match.values[n].name for n in rule.compute_arguments if match.values.get(n) is not None}
 
 
 def _plain(value):

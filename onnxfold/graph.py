@@ -32,6 +32,11 @@ def is_present(tensor) -> bool:
     return tensor is not None and tensor.name != ""
 
 
+def is_standard(node) -> bool:
+    """An op of the default ONNX domain: a custom op may reuse a standard name."""
+    return node.domain in (None, "", "ai.onnx")
+
+
 def is_constant(tensor) -> bool:
     return isinstance(tensor, gs.Constant)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import tempfile
@@ -13,8 +12,8 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
-from .references import (INLINE_LIMIT, copy_reference, forget_basepaths, is_reference, refer_to_external_data,
-                         scan_model)
+from .references import (INLINE_LIMIT, copy_reference, forget_basepaths, is_reference, point_to,
+                         refer_to_external_data, scan_model, shape_bytes)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -90,10 +89,8 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
 def without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its large weights turned into typed graph inputs: cheap to copy,
     check and run shape inference on."""
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, but=("graph",))
+    skeleton = copy_without(model, "initializer")
     graph = skeleton.graph
-    copy_fields(model.graph, graph, but=("initializer",))
     declared = {info.name for info in model.graph.input}
     for weight in model.graph.initializer:
         if payload_bytes(weight) <= INLINE_LIMIT and not is_reference(weight):
@@ -151,11 +148,7 @@ def move_weights_out(model: onnx.ModelProto, data, data_name: str, size_threshol
             tensor.ClearField("raw_data")
         else:
             continue  # typed fields (float_data, ...) stay inline, as with onnx.save
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", offset), ("length", size)):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, str(value)
+        point_to(tensor, location=data_name, offset=offset, length=size)
 
 
 def write_in_pieces(model: onnx.ModelProto, handle) -> None:
@@ -219,6 +212,14 @@ _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
+def copy_without(model: onnx.ModelProto, graph_field: str) -> onnx.ModelProto:
+    """A copy of the model whose graph lacks one field (to be filled in anew)."""
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, but=("graph",))
+    copy_fields(model.graph, copy.graph, but=(graph_field,))
+    return copy
+
+
 def copy_fields(source, target, but: tuple) -> None:
     """Copy every field set in `source` but those named into the empty message `target`.
 
@@ -243,11 +244,6 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(payload_bytes(t) for t in _all_tensors(model))
 
 
-# Element types stored two to a byte.
-_HALF_BYTE = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
-              if hasattr(onnx.TensorProto, name)}
-
-
 def payload_bytes(tensor: onnx.TensorProto) -> int:
     """The size of a tensor's data, from its shape where it is raw bytes.
 
@@ -256,10 +252,7 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     """
     if not tensor.HasField("raw_data") and not is_reference(tensor):
         return tensor.ByteSize()
-    count = math.prod(tensor.dims)
-    if tensor.data_type in _HALF_BYTE:
-        return (count + 1) // 2
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return shape_bytes(tensor)
 
 
 def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:

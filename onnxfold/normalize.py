@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, constant_values, is_constant, is_reference_constant, producer
+from .graph import attributes, constant_values, is_constant, is_reference_constant, is_standard, producer
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "identity-and-dropout", "neutral-elementwise",
@@ -26,7 +26,7 @@ def normalize(graph: gs.Graph) -> dict:
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
     for node in list(graph.nodes):
-        if not _standard(node):
+        if not is_standard(node):
             continue
         if node.op in _PASS_THROUGH and _is_pass_through(node):
             counts["identity-and-dropout"] += _bypass(graph, node)
@@ -111,7 +111,7 @@ def _read_in_weights(nodes) -> None:
     folds them with, cannot read onnxfold's references into the model file."""
     for node in nodes:
         for tensor in node.inputs:
-            if is_constant(tensor) and is_reference_constant(tensor):
+            if is_reference_constant(tensor):
                 tensor.values = constant_values(tensor)
 
 
@@ -127,17 +127,13 @@ def _never_fold(node) -> bool:
 
 def _foldable(node) -> bool:
     return bool(node.inputs) and node.op != "Constant" and not _never_fold(node) and \
-        _standard(node) and all(is_constant(t) or t.name == "" for t in node.inputs)
-
-
-def _standard(node) -> bool:
-    return node.domain in (None, "", "ai.onnx")
+        is_standard(node) and all(is_constant(t) or t.name == "" for t in node.inputs)
 
 
 def _static_shapes(graph) -> None:
     """Shape(x) of a statically shaped x is a constant (start and end honoured)."""
     for node in graph.nodes:
-        if node.op != "Shape" or not _standard(node):
+        if node.op != "Shape" or not is_standard(node):
             continue
         shape = node.inputs[0].shape
         if shape is None or not all(isinstance(d, int) for d in shape):
@@ -154,7 +150,7 @@ def _static_shapes(graph) -> None:
 def _cast_like_constants(graph) -> None:
     """CastLike(constant, x) with x's type known is a constant (the dynamo exporter's habit)."""
     for node in graph.nodes:
-        if node.op != "CastLike" or not _standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
+        if node.op != "CastLike" or not is_standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
             continue
         values = constant_values(node.inputs[0]).astype(node.inputs[1].dtype)
         result = node.outputs[0]

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from .engine import Engine, NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .modelio import copy_fields, load_model, without_large_weights
+from .modelio import copy_without, load_model, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -85,9 +85,7 @@ def _refuse_overridable_weights(names) -> None:
 
 def _without_inputs(model, names) -> onnx.ModelProto:
     """A copy of the model with the named graph inputs dropped (IR 4+ needs no others)."""
-    copy = onnx.ModelProto()
-    copy_fields(model, copy, but=("graph",))
-    copy_fields(model.graph, copy.graph, but=("input",))
+    copy = copy_without(model, "input")
     copy.graph.input.extend(info for info in model.graph.input if info.name not in names)
     copy.ir_version = max(copy.ir_version, 4)
     return copy

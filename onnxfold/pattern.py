@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .graph import is_present, producer
+from .graph import is_present, is_standard, producer
 from .ruleset import COMMUTATIVE, Rule
 
 
@@ -31,7 +31,7 @@ ALIASES = {"Sum": "Add"}
 
 
 def _op_matches(pattern_op, node) -> bool:
-    if node.domain not in (None, "", "ai.onnx"):  # a custom op may reuse a standard name
+    if not is_standard(node):
         return False
     if node.op == pattern_op:
         return True

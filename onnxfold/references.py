@@ -14,6 +14,7 @@ that replaces the input is safe.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -197,16 +198,33 @@ def _plain_raw(tensor: onnx.TensorProto, length: int) -> bool:
 
 
 def _expected_bytes(tensor: onnx.TensorProto):
-    dtype = RAW_TYPES.get(tensor.data_type)
-    return None if dtype is None else int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+    """The bytes its shape needs, for types a reference can stand for (else None)."""
+    return shape_bytes(tensor) if tensor.data_type in RAW_TYPES else None
+
+
+# Element types stored two to a byte.
+_HALF_BYTE = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+              if hasattr(onnx.TensorProto, name)}
+
+
+def shape_bytes(tensor: onnx.TensorProto) -> int:
+    """The size of the tensor's data as raw bytes, from its shape and element type."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _HALF_BYTE:
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _refer(tensor: onnx.TensorProto, path: Path, offset: int, length: int) -> None:
+    path = Path(os.path.abspath(path))
+    point_to(tensor, location=path.name, offset=offset, length=length, **{_BASEPATH: path.parent})
+
+
+def point_to(tensor: onnx.TensorProto, **entries) -> None:
+    """Say the tensor's bytes are in a file (ONNX external data: location, offset, length)."""
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.EXTERNAL
-    path = Path(os.path.abspath(path))
-    for key, value in (("location", path.name), ("offset", offset), ("length", length),
-                       (_BASEPATH, path.parent)):
+    for key, value in entries.items():
         entry = tensor.external_data.add()
         entry.key, entry.value = key, str(value)
 

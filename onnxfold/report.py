@@ -6,7 +6,6 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
 
 from .engine import Miss

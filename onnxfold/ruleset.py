@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import OnnxfoldError
@@ -72,6 +73,11 @@ class Rule:
     @property
     def root(self) -> Call:
         return self.pattern[-1]
+
+    @cached_property
+    def compute_arguments(self) -> frozenset:
+        """Names of the pattern values the compute lines read."""
+        return frozenset(arg.name for line in self.compute for arg in line.args if isinstance(arg, Name))
 
     @property
     def producers(self) -> dict:

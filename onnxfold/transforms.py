@@ -239,7 +239,7 @@ def _window(offsets, kernel):
     return (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offsets, kernel)))
 
 
-@transform(stored=("Wa", "Wb",))
+@transform(stored=("Wa", "Wb"))
 def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
     """Conv_a(x) + Conv_b(x) as one conv; the smaller kernel is embedded in the larger.
 
