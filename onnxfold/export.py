@@ -64,6 +64,9 @@ def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
         proto.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
         return
     array = np.asarray(values)
+    if array.dtype == object:  # strings: ONNX keeps them in string_data, never as raw bytes
+        proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        return
     proto.name = tensor.name
     proto.data_type = onnx_type(array.dtype)
     proto.dims.extend(array.shape)

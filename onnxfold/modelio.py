@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
+from .validate import validate_model
 from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
                          load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
 
@@ -59,7 +60,8 @@ def _readable_file(path) -> Path:
 
 
 def _with_external_data(model, path, read_external) -> set:
-    """Check the model is one, read or refer to its external data; the files it named."""
+    """Check the model is one, read or refer to its external data, check its structure
+    (validate.py); the external data files it named."""
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
     external = {path.parent / entry.value for t in all_tensors(model)
@@ -70,6 +72,10 @@ def _with_external_data(model, path, read_external) -> set:
             read_external(model, path.parent)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+    try:
+        validate_model(model)
+    except OnnxfoldError as error:
+        raise OnnxfoldError(str(error), path) from None
     return external
 
 
