@@ -294,7 +294,8 @@ def test_a_subgraph_may_read_values_of_its_enclosing_graph(tmp_path):
     np.testing.assert_array_equal(run(onnx.load(target), feeds)["y"], run(model, feeds)["y"])
 
 
-def test_string_tensors_and_an_empty_graph_are_valid(tmp_path):
+def test_string_constants_stay_strings(tmp_path):
+    """A folded string constant was written as raw bytes, which onnxruntime refuses."""
     strings = helper.make_tensor("names", TensorProto.STRING, [2], [b"a", b"b"])
     nodes = [helper.make_node("Identity", ["names"], ["s"])]
     model = _model(nodes, [value("x", F, [2])], [value("x", F, [2]), value("s", TensorProto.STRING, [2])],
@@ -303,3 +304,10 @@ def test_string_tensors_and_an_empty_graph_are_valid(tmp_path):
     assert result.status == OK, result.error
     out = run(onnx.load(target), {"x": np.float32([1, 2])})
     assert list(out["s"]) == ["a", "b"]
+
+
+def test_a_graph_without_nodes_passes_through(tmp_path):
+    model = _model([], [value("x", F, [2])], [value("x", F, [2])])
+    result, target = _optimize(tmp_path, model)
+    assert result.status == OK, result.error
+    np.testing.assert_array_equal(run(onnx.load(target), {"x": np.float32([1, 2])})["x"], [1, 2])
