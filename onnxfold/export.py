@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from .graph import onnx_type
 from .modelio import copy_fields
 
 
@@ -25,8 +26,9 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     target.name = graph.name or original.graph.name
     target.doc_string = graph.doc_string or ""
     target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
-    target.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
-    target.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    declared = {info.name: info for info in [*original.graph.input, *original.graph.output]}
+    target.input.extend(_value_info(t, declared) for t in graph.inputs)
+    target.output.extend(_value_info(t, declared) for t in graph.outputs)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             _write_weight(tensor, target)
@@ -34,6 +36,18 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     names = {t for node in target.node for t in [*node.input, *node.output]}
     target.value_info.extend(v for v in original.graph.value_info if v.name in names)
     return model
+
+
+def _value_info(tensor, declared: dict) -> onnx.ValueInfoProto:
+    """A graph input or output. One the input declared as other than a tensor (optional,
+    sequence, map) keeps its declaration: graph-surgeon cannot export those types, and
+    no rewrite changes a value's type."""
+    info = declared.get(tensor.name)
+    if info is not None and info.type.WhichOneof("value") not in ("tensor_type", None):
+        return info
+    if tensor.dtype is None:
+        return onnx.helper.make_empty_tensor_value_info(tensor.name)
+    return onnx.helper.make_tensor_value_info(tensor.name, onnx_type(tensor.dtype), tensor.shape)
 
 
 def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
@@ -50,8 +64,11 @@ def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
         proto.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
         return
     array = np.asarray(values)
+    if array.dtype == object:  # strings: ONNX keeps them in string_data, never as raw bytes
+        proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        return
     proto.name = tensor.name
-    proto.data_type = dtype_to_onnx(array.dtype)
+    proto.data_type = onnx_type(array.dtype)
     proto.dims.extend(array.shape)
     proto.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     # The graph reads the weight from the model from now on: one copy in memory, not two.

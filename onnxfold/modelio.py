@@ -15,8 +15,9 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
-from .references import (INLINE_LIMIT, copy_reference, forget_basepaths, is_reference, point_to,
-                         refer_to_external_data, scan_model, shape_bytes)
+from .validate import validate_model
+from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
+                         load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -35,7 +36,7 @@ def read_model(path):
     except (DecodeError, RuntimeError, ValueError) as error:
         raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
     forget_basepaths(model)
-    return model, _with_external_data(model, path, _load_external_data)
+    return model, _with_external_data(model, path, load_external_data)
 
 
 def open_model(path):
@@ -62,10 +63,11 @@ def _readable_file(path) -> Path:
 
 
 def _with_external_data(model, path, read_external) -> set:
-    """Check the model is one, read or refer to its external data; the files it named."""
+    """Check the model is one, read or refer to its external data, check its structure
+    (validate.py); the external data files it named."""
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
-    external = {path.parent / entry.value for t in _all_tensors(model)
+    external = {path.parent / entry.value for t in all_tensors(model)
                 if t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
                 for entry in t.external_data if entry.key == "location"}
     if external:
@@ -73,6 +75,10 @@ def _with_external_data(model, path, read_external) -> set:
             read_external(model, path.parent)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+    try:
+        validate_model(model)
+    except OnnxfoldError as error:
+        raise OnnxfoldError(str(error), path) from None
     return external
 
 
@@ -255,10 +261,6 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data") and not is_reference(tensor):
         return tensor.ByteSize()
     return shape_bytes(tensor)
-
-
-def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
-    onnx.external_data_helper.load_external_data_for_model(model, str(folder))
 
 
 def _all_tensors(model: onnx.ModelProto):
