@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from onnxfold.errors import OnnxfoldError
+from onnxfold import optimize
+from onnxfold import predicates as predicate_module
+from onnxfold.errors import CannotTell, OnnxfoldError
 from onnxfold.ruleset import load_rule_file, load_rules
+
+from .helpers import model_from_text, run
 
 HEAD = 'summary = "s"\npattern = """\na = Relu(x)\ny = Relu(a)\n"""\n'
 CONV_MUL = 'summary = "s"\npattern = """\nconv = Conv(x, W, B)\ny = Mul(conv, c)\n"""\n'
@@ -120,3 +127,157 @@ def test_malformed_rule_file_exits_2_from_the_command_line(tmp_path):
 
 def test_shipped_rules_still_load():
     assert len(load_rules()) >= 20
+
+
+# --- folds whose weights would not be finite --------------------------------------------
+
+def _conv_bn_model(dtype, W, gamma, var, epsilon=1e-5):
+    channels = W.shape[0]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    arrays = {"W": W, "g": gamma, "b": np.zeros(channels), "mu": np.zeros(channels), "v": var}
+    inits = [numpy_helper.from_array(np.asarray(a, dtype), name) for name, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "mu", "v"], ["y"], epsilon=epsilon)]
+    shape = [1, channels, 4, 4]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, shape)],
+                              [helper.make_tensor_value_info("y", elem, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _diagonal(channels, value):
+    W = np.zeros((channels, channels, 1, 1))
+    W[range(channels), range(channels)] = value
+    return W
+
+
+def _assert_left_with_reason(model, dtype, expected):
+    optimized, report = optimize(model)
+    assert "fold-bn-into-conv" not in report.fired()
+    reasons = [m.reason for m in report.misses if m.rule == "fold-bn-into-conv"]
+    assert any(expected in reason for reason in reasons), reasons
+    x = {"x": np.linspace(-1, 1, 64).reshape(1, 4, 4, 4).astype(dtype)}
+    before, after = run(model, x)["y"], run(optimized, x)["y"]
+    np.testing.assert_array_equal(np.isfinite(before), np.isfinite(after))
+    return reasons
+
+
+def test_float16_fold_that_overflows_is_left_with_its_reason():
+    # 300 / sqrt(1e-5) = 94868 > 65504, the largest float16
+    model = _conv_bn_model(np.float16, _diagonal(4, 300), np.ones(4), np.zeros(4))
+    _assert_left_with_reason(model, np.float16, "folded weights overflow float16")
+
+
+def test_float32_fold_that_overflows_is_left_with_its_reason():
+    model = _conv_bn_model(np.float32, _diagonal(4, 3e38), np.full(4, 2.0), np.full(4, 1 - 1e-5))
+    _assert_left_with_reason(model, np.float32, "folded weights overflow float32")
+
+
+def test_zero_variance_without_epsilon_is_left_with_its_reason():
+    rng = np.random.default_rng(0)
+    model = _conv_bn_model(np.float32, rng.normal(size=(4, 4, 1, 1)), np.ones(4), np.zeros(4), epsilon=0.0)
+    _assert_left_with_reason(model, np.float32, "not finite")
+
+
+def test_float16_fold_within_range_still_fires():
+    model = _conv_bn_model(np.float16, _diagonal(4, 3), np.ones(4), np.ones(4))
+    _, report = optimize(model)
+    assert report.fired().get("fold-bn-into-conv") == 1
+
+
+# --- "cannot tell" is explicit; other errors are bugs --------------------------------------
+
+CONV_BN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4,8,8] x, float[6,4,3,3] W, float[6] gamma, float[6] beta, float[6] mean, float[6] var) => (float[1,6,6,6] y) {
+  c = Conv(x, W)
+  y = BatchNormalization(c, gamma, beta, mean, var)
+}
+"""
+
+
+def test_a_predicate_that_hits_a_bug_raises_instead_of_missing(monkeypatch):
+    def broken(bn_output):
+        return None + 1
+
+    monkeypatch.setitem(predicate_module.PREDICATES, "bn_inference", broken)
+    with pytest.raises(TypeError):
+        optimize(model_from_text(CONV_BN), only=["fold-bn-into-conv"])
+
+
+def test_a_transform_that_hits_a_bug_raises_instead_of_missing(monkeypatch):
+    from onnxfold import transforms
+
+    def broken(*args):
+        raise IndexError("a bug")
+
+    monkeypatch.setitem(transforms.TRANSFORMS, "fold_bn_into_conv", broken)
+    with pytest.raises(IndexError):
+        optimize(model_from_text(CONV_BN), only=["fold-bn-into-conv"])
+
+
+def _user_rule(tmp_path, text):
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "user-scale.toml").write_text(text)
+    return folder
+
+
+def _conv_mul_model(scale_shape):
+    """Conv then Mul by a graph input `c` (a runtime value) of the given shape (None: unknown)."""
+    nodes = [helper.make_node("Conv", ["x", "W"], ["conv"]), helper.make_node("Mul", ["conv", "c"], ["y"])]
+    weight = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "W")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3]),
+              helper.make_tensor_value_info("c", TensorProto.FLOAT, scale_shape)]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_unknown_shape_gives_a_reason_and_does_not_fire(tmp_path):
+    # A user rule without constant(c): per_channel meets a value of unknown shape.
+    folder = _user_rule(tmp_path, CONV_MUL + 'when = ["per_channel(c, conv)"]\n'
+                                  'compute = ["W2, B2 = scale_conv(W, B, c)"]\nresult = "y = Conv(x, W2, B2)"\n')
+    model = _conv_mul_model(None)
+    optimized, report = optimize(model, rule_dirs=[folder], only=["user-scale"])
+    assert not report.fired()
+    reasons = [m.reason for m in report.misses if m.rule == "user-scale"]
+    assert reasons == ["per_channel cannot tell: the shape of 'c' is not known"], reasons
+    assert [n.op_type for n in optimized.graph.node] == ["Conv", "Mul"]
+
+
+def test_a_value_that_is_not_a_constant_gives_a_reason_and_does_not_fire(tmp_path):
+    folder = _user_rule(tmp_path, CONV_MUL + 'when = ["per_channel(c, conv)"]\n'
+                                  'compute = ["W2, B2 = scale_conv(W, B, c)"]\nresult = "y = Conv(x, W2, B2)"\n')
+    optimized, report = optimize(_conv_mul_model([1, 4, 1, 1]), rule_dirs=[folder], only=["user-scale"])
+    assert not report.fired()
+    reasons = [m.reason for m in report.misses if m.rule == "user-scale"]
+    assert reasons == ["the arithmetic cannot be done: 'c' is not a constant"], reasons
+
+
+def test_a_compute_line_naming_too_few_values_is_a_rule_file_error(tmp_path):
+    folder = _user_rule(tmp_path, CONV_MUL + 'compute = ["W2 = shift_conv(W, B, c)"]\n'
+                                  'result = "y = Conv(x, W2, B)"\n')
+    model = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4,3,3] x) => (float[1,4,3,3] y)
+<float[4,4,1,1] W = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}, float[4] B = {1,2,3,4}, float[1,4,1,1] c = {1,2,3,4}> {
+  conv = Conv(x, W, B)
+  y = Mul(conv, c)
+}
+""")
+    with pytest.raises(OnnxfoldError, match="shift_conv returns 2 values, 'W2 = shift_conv"):
+        optimize(model, rule_dirs=[folder], only=["user-scale"])
+
+
+def test_unknown_conv_weight_shape_is_cannot_tell():
+    import onnx_graphsurgeon as gs
+
+    weight = gs.Variable("W", dtype=np.float32, shape=None)
+    out = gs.Variable("y", dtype=np.float32)
+    gs.Node("Conv", "conv", attrs={"kernel_shape": [1, 1]}, inputs=[gs.Variable("x"), weight], outputs=[out])
+    with pytest.raises(CannotTell, match="shape of 'W' is not known"):
+        predicate_module.unit_kernel(out)
