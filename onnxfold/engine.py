@@ -16,22 +16,25 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .errors import CannotTell, OnnxfoldError
 from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer, release_values
 from .pattern import ALIASES, Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
 from .transforms import STORED_TYPE_ARGS, TRANSFORMS
 
-# Errors a predicate or transform may raise on a graph it cannot reason about (unknown
-# shapes, malformed weights). The rule then does not fire, and the reason is recorded.
-_CANNOT_TELL = (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError)
-
-
 @dataclass
 class Rewrite:
     rule: str
     replaced: list  # names of the nodes removed
     produced: list  # names of the nodes added
+
+
+@dataclass
+class Plan:
+    """What a rule that may fire computed: new weights (in the site's type) and attributes."""
+    computed: dict
+    attrs: list  # per result line
 
 
 @dataclass
@@ -90,10 +93,10 @@ class Engine:
         for rule in self.rules_by_op.get(ALIASES.get(node.op, node.op), ()):
             first_reason = None
             for match in matches_at(rule, node):
-                reason, computed = self._evaluate(rule, match)
+                reason, plan = self._evaluate(rule, match)
                 if not reason:
                     self.misses.pop((rule.name, node.name), None)
-                    return self._apply(rule, match, computed)
+                    return self._apply(rule, match, plan)
                 first_reason = first_reason or reason
             if first_reason:
                 self.misses[(rule.name, node.name)] = first_reason
@@ -102,7 +105,7 @@ class Engine:
     # --- deciding ------------------------------------------------------------------------
 
     def _evaluate(self, rule: Rule, match: Match):
-        """(reason it may not fire, None) or (None, computed values)."""
+        """(reason it may not fire, None) or (None, the Plan to apply)."""
         if any(id(node) not in self.own_nodes for node in match.nodes.values()):
             return "the pattern reaches into an enclosing graph", None
         reason = self._removed_values_private(rule, match) or _element_types_agree(rule, match)
@@ -111,14 +114,18 @@ class Engine:
         for line in rule.when:
             try:
                 reason = PREDICATES[line.function](*[_predicate_arg(a, match) for a in line.args])
-            except _CANNOT_TELL as error:
+            except CannotTell as error:
                 reason = f"{line.function} cannot tell: {error}"
             if reason:
                 return reason, None
         try:
-            return None, _compute(rule, match)
-        except _CANNOT_TELL as error:
-            return f"the arithmetic failed: {error}", None
+            computed = _compute(rule, match)
+            attrs = [_result_attributes(line, match, computed) for line in rule.result]
+        except CannotTell as error:
+            return f"the arithmetic cannot be done: {error}", None
+        dtype = _site_dtype(match)
+        reason = _cast_weights(rule, computed, dtype)
+        return (reason, None) if reason else (None, Plan(computed, attrs))
 
     def _removed_values_private(self, rule, match) -> str | None:
         """Every value the rewrite removes is used only inside the pattern."""
@@ -138,13 +145,11 @@ class Engine:
 
     # --- rewriting -----------------------------------------------------------------------
 
-    def _apply(self, rule, match, computed) -> list:
+    def _apply(self, rule, match, plan) -> list:
         root_tensor = match.values[rule.root.targets[0]]
-        dtype = _site_dtype(match)
         old_nodes = [match.nodes[line.text] for line in rule.pattern]
         first_name = match.nodes[rule.pattern[0].text].name
         neighbours = [t for node in old_nodes for t in node.inputs]
-        attrs = [_result_attributes(line, match, computed) for line in rule.result]
         for node in old_nodes:
             node.inputs.clear()
             node.outputs.clear()
@@ -152,8 +157,8 @@ class Engine:
         scope = {name: tensor for name, tensor in match.values.items() if name not in rule.producers}
         new_nodes = []
         for index, line in enumerate(rule.result):
-            node = self._build_node(line, index, first_name, scope, computed, match, dtype, root_tensor)
-            node.attrs.update(attrs[index])
+            node = self._build_node(line, index, first_name, scope, plan.computed, match, root_tensor)
+            node.attrs.update(plan.attrs[index])
             self.graph.nodes.append(node)
             self.own_nodes.add(id(node))
             infer_output_shapes(node, self.graph.opset)
@@ -166,8 +171,8 @@ class Engine:
         follow += [c for t in neighbours for c in t.outputs]
         return follow
 
-    def _build_node(self, line, index, first_name, scope, computed, match, dtype, root_tensor):
-        inputs = [self._input_tensor(arg, scope, computed, dtype) for arg in line.args]
+    def _build_node(self, line, index, first_name, scope, computed, match, root_tensor):
+        inputs = [self._input_tensor(arg, scope, computed) for arg in line.args]
         outputs = []
         for target in line.targets:
             if tensor_is_root(match, target, root_tensor):
@@ -179,7 +184,7 @@ class Engine:
         self.names.take(name)
         return gs.Node(op=line.function, name=name, inputs=inputs, outputs=outputs)
 
-    def _input_tensor(self, arg, scope, computed, dtype):
+    def _input_tensor(self, arg, scope, computed):
         if isinstance(arg, Literal) and arg.value is None:
             return gs.Variable.empty()
         if arg.name in scope:
@@ -187,7 +192,7 @@ class Engine:
         value = computed[arg.name]
         if value is None:
             return gs.Variable.empty()
-        constant = gs.Constant(self.names.fresh(arg.name), np.ascontiguousarray(np.asarray(value).astype(dtype)))
+        constant = gs.Constant(self.names.fresh(arg.name), value)
         scope[arg.name] = constant
         self.computed_weights[id(constant)] = weakref.ref(constant)
         return constant
@@ -227,8 +232,17 @@ def _predicate_arg(arg, match):
     if isinstance(arg, Name):
         return match.values[arg.name]
     if isinstance(arg, Attribute):
-        return attributes(producer(match.values[arg.value]))[arg.attribute]
+        return _attribute(arg, match)
     return arg.value
+
+
+def _attribute(arg, match):
+    """`node.attribute` of a rule: the value, ONNX defaults filled in."""
+    node = producer(match.values[arg.value])
+    attrs = attributes(node)
+    if arg.attribute not in attrs:
+        raise CannotTell(f"'{node.name}' has no attribute '{arg.attribute}'")
+    return attrs[arg.attribute]
 
 
 def _transform_arg(arg, match, computed, stored_type=False):
@@ -236,14 +250,14 @@ def _transform_arg(arg, match, computed, stored_type=False):
     if isinstance(arg, Literal):
         return arg.value
     if isinstance(arg, Attribute):
-        return attributes(producer(match.values[arg.value]))[arg.attribute]
+        return _attribute(arg, match)
     if arg.name in computed:
         return computed[arg.name]
     tensor = match.values[arg.name]
     if tensor is None:
         return None
     if not is_constant(tensor):
-        raise ValueError(f"'{tensor.name}' is not a constant")
+        raise CannotTell(f"'{tensor.name}' is not a constant")
     values = constant_values(tensor)
     if stored_type or not np.issubdtype(values.dtype, np.floating):
         return values
@@ -255,12 +269,35 @@ def _compute(rule, match) -> dict:
     for line in rule.compute:
         stored = STORED_TYPE_ARGS[line.function]
         args = [_transform_arg(a, match, computed, i in stored) for i, a in enumerate(line.args)]
-        result = TRANSFORMS[line.function](*args)
-        results = result if len(line.targets) > 1 else (result,)
-        if len(results) != len(line.targets):
-            raise ValueError(f"{line.function} returned {len(results)} values for {len(line.targets)} names")
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # _cast_weights checks the results
+            result = TRANSFORMS[line.function](*args)
+        results = result if isinstance(result, tuple) else (result,)
+        if len(results) != len(line.targets):  # a rule file that misreads its transform
+            raise OnnxfoldError(f"rule '{rule.name}': {line.function} returns {len(results)} values, "
+                                f"'{line.text}' names {len(line.targets)}", rule.source)
         computed.update(zip(line.targets, results))
     return computed
+
+
+def _cast_weights(rule, computed, dtype) -> str | None:
+    """Cast the computed weights to the site's type, in place; or say why they may not be.
+
+    The one check for every rule: a weight that is not finite once cast (float16 overflow,
+    a BatchNormalization scale 1/sqrt(0)) turns outputs the original computed into inf or
+    NaN, and folding is only exact in real arithmetic, where inf and NaN do not occur.
+    """
+    for name in sorted(rule.weight_names):
+        value = computed[name]
+        if value is None:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.ascontiguousarray(np.asarray(value).astype(dtype))
+        if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+            if np.isfinite(value).all():
+                return f"folded weights overflow {dtype.name}: '{name}' reaches {np.abs(value).max():.4g}"
+            return f"folded weights are not finite: '{name}' would hold inf or NaN"
+        computed[name] = cast
+    return None
 
 
 def _float_constants(match):

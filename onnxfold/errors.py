@@ -7,3 +7,12 @@ class OnnxfoldError(Exception):
     def __init__(self, message: str, path=None):
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class CannotTell(Exception):
+    """The graph does not let a rule decide: an unknown shape, a value that is not a constant.
+
+    Raised on purpose by predicates, transforms and the graph helpers they use; the engine
+    then leaves the rule unfired and shows the message as the reason. Every other exception
+    is a bug and propagates.
+    """

@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from .errors import CannotTell
 from .references import RAW_TYPES, is_reference, read_reference
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
@@ -127,7 +128,7 @@ def spatial_rank(node) -> int:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is not None and weight.shape is not None:
         return len(weight.shape) - 2
-    raise ValueError(f"cannot tell the spatial rank of {node.op} node {node.name!r}")
+    raise CannotTell(f"cannot tell the spatial rank of {node.op} node {node.name!r}")
 
 
 def attributes(node) -> dict:

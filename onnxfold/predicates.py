@@ -3,6 +3,8 @@
 Each predicate takes graph values (onnx-graphsurgeon tensors, or None for an omitted
 optional input) and returns None when it holds, or a short reason when it does not. The
 reason is what `--explain` shows the user, so it says what was found, not just "no".
+Where the graph does not let a predicate decide (an unknown shape), it raises CannotTell;
+anything else it raises is a bug.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import transforms
+from .errors import CannotTell
 from .graph import attributes, constant_values, is_constant, is_present, producer, rank_of
 
 PREDICATES: dict = {}
@@ -25,8 +28,24 @@ def _node(value):
     return producer(value)
 
 
+def _shape(value) -> tuple:
+    """The value's shape, every dimension a known number; else CannotTell."""
+    shape = value.shape if is_present(value) else None
+    if shape is None or not all(isinstance(size, (int, np.integer)) and size >= 0 for size in shape):
+        name = value.name if is_present(value) else "an omitted input"
+        raise CannotTell(f"the shape of '{name}' is not known")
+    return tuple(int(size) for size in shape)
+
+
 def _weight_shape(conv_value):
-    return tuple(_node(conv_value).inputs[1].shape)
+    inputs = _node(conv_value).inputs
+    return _shape(inputs[1] if len(inputs) > 1 else None)
+
+
+def _matrix_shape(value):
+    """(rows, columns) of a 2-D weight, or None for another rank."""
+    shape = _shape(value)
+    return shape if len(shape) == 2 else None
 
 
 # --- values -------------------------------------------------------------------------------
@@ -53,7 +72,7 @@ def rank_is(value, rank):
 def per_channel(value, conv_output):
     """A constant that broadcasts as [1, O, 1, ...] (or a scalar) on the conv's output."""
     weight = _weight_shape(conv_output)
-    shape = tuple(value.shape)
+    shape = _shape(value)
     out_rank, channels = len(weight), weight[0]
     if len(shape) > out_rank:
         return f"'{value.name}' of shape {list(shape)} has more axes than the conv output"
@@ -70,8 +89,8 @@ def per_feature(value, weight):
     """A constant that broadcasts along the last axis only, with N = weight's columns."""
     if not is_present(value):
         return None
-    shape = tuple(value.shape)
-    if any(size != 1 for size in shape[:-1]) or (shape and shape[-1] not in (1, weight.shape[-1])):
+    shape, features = _shape(value), _shape(weight)[-1:]
+    if any(size != 1 for size in shape[:-1]) or (shape and shape[-1] not in (1, *features)):
         return f"'{value.name}' of shape {list(shape)} does not broadcast along the features only"
     return None
 
@@ -79,8 +98,9 @@ def per_feature(value, weight):
 @predicate
 def weight_rank_is(weight, rank):
     """A stored weight has the given rank (MatMul weights must be plain matrices)."""
-    if len(weight.shape) != rank:
-        return f"weight '{weight.name}' has rank {len(weight.shape)}, needs {rank}"
+    found = len(_shape(weight))
+    if found != rank:
+        return f"weight '{weight.name}' has rank {found}, needs {rank}"
     return None
 
 
@@ -91,8 +111,9 @@ def reshape_keeps_features(shape, weight):
     if reason:
         return reason
     target = constant_values(shape).reshape(-1).tolist()
-    if len(target) != 2 or target[-1] != weight.shape[-1]:
-        return f"Reshape to {target} does not keep the {weight.shape[-1]} features as axis 1 of a 2-D tensor"
+    features = _shape(weight)[-1:]
+    if len(target) != 2 or target[-1:] != list(features):
+        return f"Reshape to {target} does not keep the {list(features)} features as axis 1 of a 2-D tensor"
     return None
 
 
@@ -304,7 +325,10 @@ def avgpool_fits(conv_output, pool_output):
 def bias_free_or_unpadded(first_output, second_output):
     """1x1 then KxK: exact if the 1x1 adds no bias, or the KxK pads nothing."""
     first, second = _node(first_output), _node(second_output)
-    has_bias = len(first.inputs) > 2 and is_present(first.inputs[2]) and np.any(constant_values(first.inputs[2]))
+    bias = first.inputs[2] if len(first.inputs) > 2 and is_present(first.inputs[2]) else None
+    if bias is not None and not is_constant(bias):
+        raise CannotTell(f"the bias '{bias.name}' is not a constant")
+    has_bias = bias is not None and np.any(constant_values(bias))
     if has_bias and any(attributes(second)["pads"]):
         return (f"'{first.name}' adds a bias and '{second.name}' pads: "
                 "padded zeros would not carry the bias")
@@ -332,7 +356,10 @@ def _product_cost(rows, inner, columns):
 @predicate
 def smaller_product(A, B):
     """x @ (A @ B) costs no more than (x @ A) @ B: no low-rank pair is densified."""
-    return _product_cost(A.shape[0], A.shape[1], B.shape[1])
+    a, b = _matrix_shape(A), _matrix_shape(B)
+    if a is None or b is None:
+        return f"'{(B if a else A).name}' is not a matrix"
+    return _product_cost(a[0], a[1], b[1])
 
 
 @predicate
@@ -341,6 +368,9 @@ def smaller_gemm_product(first_output, second_output):
     shapes = []
     for value in (first_output, second_output):
         node = _node(value)
-        rows, columns = node.inputs[1].shape
+        matrix = _matrix_shape(node.inputs[1])
+        if matrix is None:
+            return f"the weight of '{node.name}' is not a matrix"
+        rows, columns = matrix
         shapes.append((columns, rows) if attributes(node)["transB"] else (rows, columns))
     return _product_cost(shapes[0][0], shapes[0][1], shapes[1][1])

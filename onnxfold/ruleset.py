@@ -19,10 +19,13 @@ In `result`, `like=conv` copies that node's attributes; other keywords set attri
 from __future__ import annotations
 
 import ast
+import inspect
 import tomllib
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
+
+import onnx
 
 from .errors import OnnxfoldError
 from .predicates import PREDICATES
@@ -79,6 +82,13 @@ class Rule:
         """Names of the pattern values the compute lines read."""
         return frozenset(arg.name for line in self.compute for arg in line.args if isinstance(arg, Name))
 
+    @cached_property
+    def weight_names(self) -> frozenset:
+        """Names of the computed values that become weights (result inputs)."""
+        computed = {target for line in self.compute for target in line.targets}
+        return frozenset(arg.name for line in self.result for arg in line.args
+                         if isinstance(arg, Name) and arg.name in computed)
+
     @property
     def producers(self) -> dict:
         """Pattern value name -> the pattern line that computes it."""
@@ -119,7 +129,8 @@ def load_rule_file(path) -> Rule:
         rule = _build_rule(data, path)
         _validate(rule)
     except RuleError as error:
-        raise OnnxfoldError(f"rule '{data.get('name', path.stem)}': {error}", path) from None
+        name = data.get("name", path.stem)
+        raise OnnxfoldError(f"rule '{name if isinstance(name, str) else path.stem}': {error}", path) from None
     return rule
 
 
@@ -127,22 +138,65 @@ class RuleError(ValueError):
     pass
 
 
+_KEYS = ("name", "summary", "description", "pattern", "when", "compute", "result", "examples", "counterexamples")
+
+
 def _build_rule(data, path) -> Rule:
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:  # a misspelt `when` would otherwise drop every condition, silently
+        raise RuleError(f"unknown key '{unknown[0]}' (a rule file has {', '.join(_KEYS)})")
     for key in ("summary", "pattern", "result"):
         if not isinstance(data.get(key), str):
             raise RuleError(f"'{key}' is missing or not a string")
+    if not isinstance(data.get("description", ""), str):
+        raise RuleError("'description' is not a string")
     return Rule(
-        name=data.get("name", path.stem),
+        name=_rule_name(data, path),
         summary=data["summary"],
         description=data.get("description", "").strip(),
         pattern=_parse_lines(data["pattern"]),
-        when=[_parse_call(text) for text in data.get("when", [])],
-        compute=[_parse_call(text) for text in data.get("compute", [])],
+        when=[_parse_call(text) for text in _strings(data, "when")],
+        compute=[_parse_call(text) for text in _strings(data, "compute")],
         result=_parse_lines(data["result"]),
-        examples=data.get("examples", []),
-        counterexamples=data.get("counterexamples", []),
+        examples=_cases(data, "examples", ()),
+        counterexamples=_cases(data, "counterexamples", ("reason",)),
         source=str(path),
     )
+
+
+def _rule_name(data, path) -> str:
+    name = data.get("name", path.stem)
+    # --only and --skip take names separated by commas.
+    if not isinstance(name, str) or not name or any(c.isspace() or c == "," for c in name):
+        raise RuleError(f"'name' must be a string without spaces or commas, not {name!r}")
+    return name
+
+
+def _strings(data, key) -> list:
+    texts = data.get(key, [])
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise RuleError(f"'{key}' must be a list of strings")
+    return texts
+
+
+def _cases(data, key, required) -> list:
+    """`examples` / `counterexamples`: tables with a `model`, maybe `data` and `reason`."""
+    cases = data.get(key, [])
+    if not isinstance(cases, list) or not all(isinstance(case, dict) for case in cases):
+        raise RuleError(f"'{key}' must be a list of tables ([[{key}]])")
+    for index, case in enumerate(cases):
+        where = f"{key} {index + 1}"
+        unknown = sorted(set(case) - {"model", "data", "reason"})
+        if unknown:
+            raise RuleError(f"{where}: unknown key '{unknown[0]}'")
+        for field_name in ("model", *required):
+            if not isinstance(case.get(field_name), str):
+                raise RuleError(f"{where}: '{field_name}' is missing or not a string")
+        if "reason" in case and not isinstance(case["reason"], str):
+            raise RuleError(f"{where}: 'reason' is not a string")
+        if "data" in case and not (isinstance(case["data"], list) and all(isinstance(n, str) for n in case["data"])):
+            raise RuleError(f"{where}: 'data' must be a list of input names")
+    return cases
 
 
 def _parse_lines(text) -> list:
@@ -153,10 +207,13 @@ def _parse_lines(text) -> list:
 
 
 def _parse_call(text) -> Call:
+    text = text.strip()
     try:
-        tree = ast.parse(text.strip(), mode="exec").body
+        tree = ast.parse(text, mode="exec").body
     except SyntaxError as error:
         raise RuleError(f"cannot parse '{text}': {error.msg}") from None
+    except (MemoryError, RecursionError):  # what the parser raises on very deep nesting
+        raise RuleError(f"cannot parse '{text[:80]}': nested too deeply") from None
     if len(tree) != 1:
         raise RuleError(f"'{text}' is not one statement")
     statement = tree[0]
@@ -168,9 +225,11 @@ def _parse_call(text) -> Call:
         raise RuleError(f"'{text}' is neither 'names = f(args)' nor 'f(args)'")
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
         raise RuleError(f"'{text}' does not call a named function or op")
+    if any(kw.arg is None for kw in call.keywords):
+        raise RuleError(f"'{text}' passes '**': keywords must be written out")
     args = tuple(_argument(arg, text) for arg in call.args)
     keywords = {kw.arg: _argument(kw.value, text) for kw in call.keywords}
-    return Call(targets, call.func.id, args, keywords, text.strip())
+    return Call(targets, call.func.id, args, keywords, text)
 
 
 def _targets(node, text) -> tuple:
@@ -186,78 +245,191 @@ def _argument(node, text):
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
         return Attribute(node.value.id, node.attr)
     try:
-        return Literal(ast.literal_eval(node))
-    except ValueError:
-        raise RuleError(f"'{ast.unparse(node)}' in '{text}' is not a name, attribute or literal") from None
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        value = _NOT_A_LITERAL
+    if not _plain_literal(value):
+        # get_source_segment, unlike unparse, does not recurse on a deeply nested argument.
+        raise RuleError(f"'{ast.get_source_segment(text, node)}' in '{text}' is not a name, attribute or literal "
+                        "(a number, string, None, or a list of numbers or strings)")
+    return Literal(value)
+
+
+_NOT_A_LITERAL = object()
+_INT64 = range(-2**63, 2**63)
+
+
+def _plain_literal(value, nested=False) -> bool:
+    """What an ONNX attribute or a predicate can take: a number, string, None or a flat list."""
+    if isinstance(value, bool) or value is None:
+        return not nested
+    if isinstance(value, int):
+        return value in _INT64
+    if isinstance(value, (float, str)):
+        return True
+    if isinstance(value, (list, tuple)) and not nested:
+        return all(_plain_literal(element, nested=True) for element in value)
+    return False
 
 
 # --- validation ------------------------------------------------------------------------
 
 def _validate(rule: Rule) -> None:
+    _check_pattern(rule)
     producers = rule.producers
     pattern_values = set(producers)
     free_values = {arg.name for line in rule.pattern for arg in line.args
                    if isinstance(arg, Name) and arg.name not in pattern_values}
-    _check_pattern(rule, producers)
     bound = pattern_values | free_values
     for line in rule.when:
-        _check_call(line, PREDICATES, "predicate", bound, pattern_values)
+        _check_call(line, PREDICATES, "predicate", bound, producers)
+        if line.targets:
+            raise RuleError(f"when line '{line.text}' assigns names: a predicate only holds or not")
     for line in rule.compute:
-        _check_call(line, TRANSFORMS, "transform", bound, pattern_values)
+        _check_call(line, TRANSFORMS, "transform", bound, producers)
+        if not line.targets:
+            raise RuleError(f"compute line '{line.text}' names no result")
+        _check_new_names(line, bound)
         bound = bound | set(line.targets)
-    _check_result(rule, bound - pattern_values | {rule.root.targets[0]}, pattern_values)
+    _check_result(rule, bound - pattern_values | {rule.root.targets[0]}, producers)
 
 
-def _check_pattern(rule, producers) -> None:
+def _check_pattern(rule) -> None:
     for line in rule.pattern:
         if not line.targets:
             raise RuleError(f"pattern line '{line.text}' names no output")
-        if not line.function[:1].isupper():
-            raise RuleError(f"pattern line '{line.text}' calls '{line.function}', not an ONNX op")
+        _check_op(line, "pattern")
         if line.keywords or not all(isinstance(arg, Name) for arg in line.args):
             raise RuleError(f"pattern line '{line.text}' may only pass value names")
+    assigned = set()
+    for line in rule.pattern:
+        _check_new_names(line, assigned)
+        assigned |= set(line.targets)
+    cycle = _find_cycle(rule.root, rule.producers)
+    if cycle:
+        raise RuleError(f"the pattern is cyclic: {' -> '.join(cycle)} (a value feeds the line that computes it)")
     reached, todo = set(), [rule.root]
     while todo:
         line = todo.pop()
-        reached.add(line.text)
-        todo += [producers[arg.name] for arg in line.args if arg.name in producers]
+        if line.text not in reached:
+            reached.add(line.text)
+            todo += [rule.producers[arg.name] for arg in line.args if arg.name in rule.producers]
     unused = [line.text for line in rule.pattern if line.text not in reached]
     if unused:
         raise RuleError(f"pattern lines not feeding the last line: {unused}")
 
 
-def _check_call(line, registry, kind, bound, pattern_values) -> None:
+def _find_cycle(root, producers):
+    """Value names around a cycle among the lines that feed `root` (first repeated), or None.
+
+    Matching walks from the root up through producers, so a cycle could never match a graph.
+    """
+    path, done = [], set()
+
+    def visit(name):
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done or name not in producers:
+            return None
+        path.append(name)
+        for arg in producers[name].args:
+            cycle = visit(arg.name)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(name)
+        return None
+
+    return visit(root.targets[0])
+
+
+def _check_new_names(line, taken) -> None:
+    """A line may not assign a name already given a value: the rule would read the wrong one."""
+    seen = set(taken)
+    for target in line.targets:
+        if target in seen:
+            raise RuleError(f"'{line.text}' assigns '{target}', which already has a value")
+        seen.add(target)
+
+
+@cache
+def _onnx_attributes() -> dict:
+    """ONNX op type -> every attribute name it has had, in any opset of the default domain."""
+    names: dict = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        if schema.domain in ("", "ai.onnx"):
+            names.setdefault(schema.name, set()).update(schema.attributes)
+    return names
+
+
+def _check_op(line, kind) -> None:
+    if line.function not in _onnx_attributes():
+        raise RuleError(f"{kind} line '{line.text}' calls '{line.function}', not an ONNX op")
+
+
+def _check_call(line, registry, kind, bound, producers) -> None:
     if line.function not in registry:
         raise RuleError(f"unknown {kind} '{line.function}' in '{line.text}'")
-    for arg in [*line.args, *line.keywords.values()]:
-        _check_argument(arg, line, bound, pattern_values)
+    if line.keywords:
+        raise RuleError(f"'{line.text}': a {kind} takes no keywords")
+    try:
+        inspect.signature(registry[line.function]).bind(*line.args)
+    except TypeError as error:
+        raise RuleError(f"'{line.text}': {error}") from None
+    for arg in line.args:
+        _check_argument(arg, line, bound, producers)
 
 
-def _check_argument(arg, line, bound, pattern_values) -> None:
+def _check_argument(arg, line, bound, producers) -> None:
     if isinstance(arg, Name) and arg.name not in bound:
         raise RuleError(f"unbound name '{arg.name}' in '{line.text}'")
-    if isinstance(arg, Attribute) and arg.value not in pattern_values:
-        raise RuleError(f"'{arg.value}.{arg.attribute}' in '{line.text}': "
-                        f"'{arg.value}' is not computed by a pattern node")
+    if isinstance(arg, Attribute):
+        if arg.value not in producers:
+            raise RuleError(f"'{arg.value}.{arg.attribute}' in '{line.text}': "
+                            f"'{arg.value}' is not computed by a pattern node")
+        op = producers[arg.value].function
+        if arg.attribute not in _onnx_attributes()[op]:
+            raise RuleError(f"'{arg.value}.{arg.attribute}' in '{line.text}': {op} has no attribute "
+                            f"'{arg.attribute}'")
 
 
-def _check_result(rule, available, pattern_values) -> None:
+def _check_result(rule, available, producers) -> None:
     root_name = rule.root.targets[0]
     assigned = set()
     for line in rule.result:
-        if not line.function[:1].isupper():
-            raise RuleError(f"result line '{line.text}' calls '{line.function}', not an ONNX op")
+        _check_op(line, "result")
+        if not line.targets:
+            raise RuleError(f"result line '{line.text}' names no output")
         for arg in line.args:
-            if isinstance(arg, Name) and arg.name not in (available | assigned) - {root_name}:
-                raise RuleError(f"unbound name '{arg.name}' in result '{line.text}'")
+            if isinstance(arg, Literal) and arg.value is None:
+                continue  # an omitted optional input
+            if not isinstance(arg, Name) or arg.name not in (available | assigned) - {root_name}:
+                raise RuleError(f"'{_text(arg)}' in result '{line.text}' is not a value computed before it")
         for key, arg in line.keywords.items():
-            if key == "like":
-                if not isinstance(arg, Name) or arg.name not in pattern_values:
-                    raise RuleError(f"like= in '{line.text}' must name a pattern node's output")
-            else:
-                _check_argument(arg, line, available | pattern_values, pattern_values)
+            _check_keyword(key, arg, line, available | set(producers), producers)
+        _check_new_names(line, assigned | available - {root_name})
         assigned |= set(line.targets)
     if rule.result[-1].targets[:1] != (root_name,):
         raise RuleError(f"the last result line must compute '{root_name}', the pattern's output")
     if len(rule.result) >= len(rule.pattern):
         raise RuleError("the result must have fewer nodes than the pattern, so rewriting ends")
+
+
+def _check_keyword(key, arg, line, bound, producers) -> None:
+    if key == "like":
+        if not isinstance(arg, Name) or arg.name not in producers:
+            raise RuleError(f"like= in '{line.text}' must name a pattern node's output")
+        return
+    if key not in _onnx_attributes()[line.function]:
+        raise RuleError(f"'{line.text}': {line.function} has no attribute '{key}'")
+    if isinstance(arg, Literal) and arg.value in (None, [], ()):
+        raise RuleError(f"'{line.text}': {key}={arg.value!r} is no attribute value")
+    _check_argument(arg, line, bound, producers)
+
+
+def _text(arg) -> str:
+    if isinstance(arg, Name):
+        return arg.name
+    if isinstance(arg, Attribute):
+        return f"{arg.value}.{arg.attribute}"
+    return repr(arg.value)
