@@ -20,8 +20,9 @@ demo: $(BIN)/onnxfold
 test: $(BIN)/onnxfold
 	$(BIN)/python -m pytest -q
 
+# SEED=n draws other graphs than the derandomized default (the same on every run).
 fuzz: $(BIN)/onnxfold
-	ONNXFOLD_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+	ONNXFOLD_FUZZ_EXAMPLES=5000 ONNXFOLD_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # verify's CUDA reporting against the real onnxruntime-gpu wheel, in its own venv: that
 # wheel (about 256 MB) in place of onnxruntime, without the CUDA/cuDNN libraries (GBs more;
