@@ -271,7 +271,10 @@ def _resolve_providers(providers):
     """[(short name, execution provider name)], deduplicated, in the order given."""
     if providers is None:
         providers = ["cpu"]
-        if PROVIDERS["cuda"] in ort.get_available_providers():
+        # onnxruntime-gpu lists CUDA even where the CUDA libraries are missing: only ask for
+        # it by default where its library loads (--providers cuda still reports why not).
+        cuda = PROVIDERS["cuda"]
+        if cuda in ort.get_available_providers() and _provider_library_error(cuda) is None:
             providers.append("cuda")
     by_full = {full.lower(): short for short, full in PROVIDERS.items()}
     resolved = []

@@ -47,10 +47,11 @@ def cuda_blocker():
     return None
 
 
-def verify(tmp_path, providers):
+def verify(tmp_path, providers=None):
     report = tmp_path / "verify.json"
-    result = onnxfold("verify", ORIGINAL, FOLDED, "--providers", providers, "--warmup", "1",
-                      "--iterations", "3", "--json", report)
+    chosen = ["--providers", providers] if providers else []
+    result = onnxfold("verify", ORIGINAL, FOLDED, *chosen, "--warmup", "1", "--iterations", "3",
+                      "--json", report)
     data = json.loads(report.read_text()) if report.exists() else None
     return result, data, {p["name"]: p for p in data["providers"]} if data else {}
 
@@ -93,3 +94,13 @@ def test_cuda_alone_that_cannot_run_fails_the_check(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert by_name["cuda"]["status"] == "unavailable" and data["passed"] is False
     assert any("nothing was verified" in w for w in data["warnings"])
+
+
+def test_by_default_cuda_is_left_out_where_its_libraries_are_missing(tmp_path):
+    result, data, by_name = verify(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    blocker = cuda_blocker()
+    if blocker in (None, "no GPU"):  # the library loads: try it, and say if it fell back
+        assert list(by_name) == ["cpu", "cuda"]
+    else:  # not asked for, so no warning that it was asked for and is missing
+        assert list(by_name) == ["cpu"] and data["warnings"] == [], data
