@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := sample_models/repvgg_net.ts_preserve.onnx
 
-.PHONY: demo test fuzz bench samples clean
+.PHONY: demo test fuzz cuda-check bench samples clean
 
 $(BIN)/onnxfold: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,29 @@ demo: $(BIN)/onnxfold
 test: $(BIN)/onnxfold
 	$(BIN)/python -m pytest -q
 
+# SEED=n draws other graphs than the derandomized default (the same on every run).
 fuzz: $(BIN)/onnxfold
-	ONNXFOLD_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+	ONNXFOLD_FUZZ_EXAMPLES=5000 ONNXFOLD_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# verify's CUDA reporting against the real onnxruntime-gpu wheel, in its own venv: that
+# wheel (about 256 MB) in place of onnxruntime, without the CUDA/cuDNN libraries (GBs more;
+# on a GPU machine add them with ORT_GPU='onnxruntime-gpu[cuda,cudnn]'). onnxfold's other
+# dependencies come from setup.cfg, then onnxfold itself without them.
+GPU_VENV := .venv-gpu
+ORT_GPU  ?= onnxruntime-gpu
+GPU_DEPS  = $(shell $(PYTHON) -c "import configparser; c = configparser.ConfigParser(); \
+	c.read('setup.cfg'); print(' '.join(repr(d) for d in c['options']['install_requires'].split() \
+	if not d.startswith('onnxruntime')))")
+
+$(GPU_VENV)/bin/onnxfold: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet '$(ORT_GPU)' $(GPU_DEPS) 'pytest>=7'
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+cuda-check: $(GPU_VENV)/bin/onnxfold
+	ONNXFOLD_CUDA_CHECK=1 $(GPU_VENV)/bin/python -m pytest -q tests/test_cuda_provider.py
 
 bench: $(BIN)/onnxfold
 	$(BIN)/python bench/run.py
@@ -33,4 +54,4 @@ samples:
 	.venv-export/bin/python sample_models/make_samples.py
 
 clean:
-	rm -rf build $(VENV) *.egg-info
+	rm -rf build $(VENV) $(GPU_VENV) *.egg-info

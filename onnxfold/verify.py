@@ -39,6 +39,7 @@ CUDA
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import sys
@@ -270,7 +271,10 @@ def _resolve_providers(providers):
     """[(short name, execution provider name)], deduplicated, in the order given."""
     if providers is None:
         providers = ["cpu"]
-        if PROVIDERS["cuda"] in ort.get_available_providers():
+        # onnxruntime-gpu lists CUDA even where the CUDA libraries are missing: only ask for
+        # it by default where its library loads (--providers cuda still reports why not).
+        cuda = PROVIDERS["cuda"]
+        if cuda in ort.get_available_providers() and _provider_library_error(cuda) is None:
             providers.append("cuda")
     by_full = {full.lower(): short for short, full in PROVIDERS.items()}
     resolved = []
@@ -589,7 +593,8 @@ def _session(model, provider, level, threads):
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     # Errors only: onnxruntime's own fallback warnings would clutter stderr, and
-    # fallback is detected and reported here instead.
+    # fallback is detected and reported here instead. (A provider library that fails to
+    # load is still logged by onnxruntime's process-wide logger, as an error.)
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -626,8 +631,26 @@ def _fell_back(session, ep):
 
 
 def _fallback_reason(ep, session):
-    return (f"onnxruntime created the session on {', '.join(session.get_providers())} "
-            f"instead of {ep} (check the CUDA/cuDNN libraries)")
+    reason = f"onnxruntime created the session on {', '.join(session.get_providers())} instead of {ep}"
+    missing = _provider_library_error(ep)
+    if missing:
+        return f"{reason}: its provider library does not load ({missing})"
+    return f"{reason} (no usable device, or a library it needs is missing)"
+
+
+def _provider_library_error(ep):
+    """The dynamic loader's complaint about EP's shared library, or None when it loads or
+    this onnxruntime has none. onnxruntime-gpu lists CUDA as available even where the CUDA
+    and cuDNN libraries are absent, then quietly falls back: this names what is missing."""
+    name = ep.removesuffix("ExecutionProvider").lower()
+    library = next((Path(ort.__file__).parent / "capi").glob(f"*onnxruntime_providers_{name}.*"), None)
+    if library is None:
+        return None
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as error:
+        return _first_line(error)
+    return None
 
 
 # ----------------------------------------------------------------------------- parity

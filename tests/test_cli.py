@@ -136,16 +136,41 @@ def test_missing_output_folder_is_an_error(model_file, tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
-def test_read_only_output_folder_is_an_error(model_file, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+@pytest.fixture
+def locked(tmp_path):
+    """A folder nobody can write into, root included: read-only by mode, and immutable
+    (chattr +i) when running as root, whom the mode does not stop."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+        folder.chmod(0o700)
+        pytest.skip("running as root and chattr +i is not available here")
     try:
-        result = onnxfold("optimize", model_file, locked / "out.onnx")
-        assert result.returncode == 2 and "not writable" in result.stderr
+        yield folder
     finally:
-        locked.chmod(0o700)
+        if immutable:
+            subprocess.run(["chattr", "-i", folder], check=True)
+        folder.chmod(0o700)
+
+
+def test_read_only_output_folder_is_an_error(model_file, locked):
+    assert not os.access(locked, os.W_OK)
+    result = onnxfold("optimize", model_file, locked / "out.onnx")
+    assert result.returncode == 2 and "not writable" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(locked) in result.stderr
+    assert not any(locked.iterdir())
+
+
+def test_output_folder_that_is_a_file_is_an_error(model_file, tmp_path):
+    # Holds for root too: no permission lets a file be a folder.
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    result = onnxfold("optimize", model_file, not_a_folder / "out.onnx")
+    assert result.returncode == 2 and str(not_a_folder) in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not_a_folder.read_text() == ""
 
 
 def test_unknown_rule_name_is_an_error(model_file, tmp_path):

@@ -126,11 +126,12 @@ def test_the_outputs_data_file_does_not_replace_the_inputs_data_file(tmp_path):
     onnx.save(_conv_bn(), str(source), save_as_external_data=True, location="b.onnx.data", size_threshold=0)
     data_before = (tmp_path / "b.onnx.data").read_bytes()
     result = onnxfold("optimize", source, target)
-    if result.returncode == 0:  # written: the input must be intact
-        assert (tmp_path / "b.onnx.data").read_bytes() == data_before
-        assert_same_function(model, onnx.load(str(source)))
-    else:  # or refused, as writing over the input itself is without --force
-        assert result.returncode == 2 and not target.exists(), result.stderr
+    # README: an output whose OUT.data would replace the input's data file is refused
+    # without --force, and nothing is written.
+    assert result.returncode == 2 and "--force" in result.stderr, result.stderr
+    assert not target.exists()
+    assert (tmp_path / "b.onnx.data").read_bytes() == data_before
+    assert_same_function(model, onnx.load(str(source)))
 
 
 def test_a_large_weight_passed_through_identity_to_an_output_does_not_crash(tmp_path):
