@@ -25,15 +25,48 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     target.name = graph.name or original.graph.name
     target.doc_string = graph.doc_string or ""
     target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
-    target.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
-    target.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
-    for tensor in graph.tensors().values():
+    # Inputs and outputs keep their names and what they hold: declared as the input did
+    # (a sequence, optional or map stays one; a dynamic size stays as it was written).
+    declared = {info.name: info for info in [*original.graph.input, *original.graph.output]}
+    target.input.extend(_declaration(t, declared) for t in graph.inputs)
+    target.output.extend(_declaration(t, declared) for t in graph.outputs)
+    tensors = graph.tensors()
+    for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
             _write_weight(tensor, target)
-    # Keep only the input's own shape annotations that still name a value.
-    names = {t for node in target.node for t in [*node.input, *node.output]}
-    target.value_info.extend(v for v in original.graph.value_info if v.name in names)
+    # Keep the input's own annotations of values still computed, where inference agrees.
+    target.value_info.extend(v for v in original.graph.value_info
+                             if v.name in tensors and _agrees(v, tensors[v.name]))
+    if model.ir_version < 4 and _weights_not_inputs(target):
+        model.ir_version = 4  # before IR 4 every weight had to be a graph input as well
     return model
+
+
+def _declaration(tensor, declared: dict) -> onnx.ValueInfoProto:
+    if tensor.name in declared:
+        return declared[tensor.name]
+    return OnnxExporter.export_value_info_proto(tensor, False)
+
+
+def _agrees(info: onnx.ValueInfoProto, tensor) -> bool:
+    """The annotation says nothing the rewritten graph's (inferred) type contradicts."""
+    if isinstance(tensor, gs.Constant):
+        return False  # a weight carries its own type
+    if not info.type.HasField("tensor_type"):
+        return info.type.WhichOneof("value") == getattr(tensor, "type", None) or tensor.dtype is None
+    kind = info.type.tensor_type
+    if tensor.dtype is not None and kind.elem_type and kind.elem_type != dtype_to_onnx(tensor.dtype):
+        return False
+    if tensor.shape is None or not kind.HasField("shape"):
+        return True
+    return len(kind.shape.dim) == len(tensor.shape) and all(
+        not d.HasField("dim_value") or not isinstance(size, int) or d.dim_value == size
+        for d, size in zip(kind.shape.dim, tensor.shape))
+
+
+def _weights_not_inputs(graph: onnx.GraphProto) -> bool:
+    inputs = {info.name for info in graph.input}
+    return any(weight.name not in inputs for weight in graph.initializer)
 
 
 def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
