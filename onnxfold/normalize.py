@@ -288,7 +288,8 @@ def _bypass(graph, node, source=None) -> int:
         if source in graph.inputs or source in outputs or origin is None or origin not in graph.nodes:
             return 0
         source.name = result.name
-        source.dtype = source.dtype or result.dtype
+        if source.dtype is None:  # the output's declared kind (a sequence stays one)
+            source.dtype, source.type = result.dtype, result.type
         source.shape = source.shape or result.shape
         outputs[outputs.index(result)] = source
     for consumer in list(result.outputs):

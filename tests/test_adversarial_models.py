@@ -220,3 +220,23 @@ def test_a_broken_output_is_an_internal_error(monkeypatch):
                    [vi("x", F, [1, 4])], [vi("y", F, [1, 4])])
     with pytest.raises(RuntimeError, match="checker"):
         optimize(model)
+
+
+def test_subgraph_sequence_output_behind_identity_keeps_its_type_when_inference_cannot_tell():
+    """A Loop body's sequence output computed by a custom op (no inference) through Identity."""
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(F, None))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cin"], ["cout"]),
+         helper.make_node("MakeSequence", ["sin", "x"], ["s2"], domain="custom"),
+         helper.make_node("Identity", ["s2"], ["sout"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("cin", TensorProto.BOOL, []), helper.make_value_info("sin", seq)],
+        [vi("cout", TensorProto.BOOL, []), helper.make_value_info("sout", seq)])
+    graph = helper.make_graph([helper.make_node("SequenceEmpty", [], ["s0"]),
+                               helper.make_node("Loop", ["n", "", "s0"], ["sf"], body=body)], "g",
+                              [vi("x", F, [2]), vi("n", TensorProto.INT64, [])], [helper.make_value_info("sf", seq)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    model.ir_version = 8
+    optimized, _ = optimize(model)
+    body = optimized.graph.node[-1].attribute[0].g
+    assert [n.op_type for n in body.node].count("Identity") == 1  # the sequence's Identity went
+    assert body.output[1].type.WhichOneof("value") == "sequence_type"
