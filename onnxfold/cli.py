@@ -1,15 +1,19 @@
 """The command line: parses options, calls the library, prints, and picks the exit code.
 
 Exit codes: 0 success; 1 parity failed (verify, optimize --verify); 2 bad input or usage;
-3 an internal error (a bug: please report it with the model if you can).
+3 an internal error (a bug: please report it with the model if you can); 130 Ctrl-C
+(SIGINT), 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -17,24 +21,43 @@ import click
 
 from . import __version__
 from .errors import OnnxfoldError
-from .jobs import BAD_INPUT, FAILED, OK, JobOptions, batch_inputs, optimize_file, optimize_many
-from .modelio import write_text
+from .jobs import (BAD_INPUT, FAILED, INTERNAL, OK, JobOptions, batch_inputs, batch_targets, check_report_path,
+                   data_file, optimize_file, optimize_many)
+from .modelio import open_model, write_text
 from .ruleset import load_rules
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it cleans up as on Ctrl-C: temporary
+    files beside the outputs are removed (`timeout`, CI cancellation, container stops)."""
+
+    signum = signal.SIGTERM
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated()
+
+
 def _handle_errors(command):
-    """Bad input becomes one line on stderr and exit 2; no traceback reaches the user."""
+    """Bad input becomes one line on stderr and exit 2; no traceback reaches the user.
+    Ctrl-C exits 130 and SIGTERM 143 (128 + the signal), after cleaning up."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        in_main_thread = threading.current_thread() is threading.main_thread()  # else signal() fails
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
         try:
             return command(*args, **kwargs)
         except OnnxfoldError as error:
             click.echo(f"onnxfold: error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+        except KeyboardInterrupt as stop:
+            click.echo("onnxfold: interrupted", err=True)
+            sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as error:  # noqa: BLE001 - the last line of defence for users
             if os.environ.get("ONNXFOLD_DEBUG"):
@@ -42,18 +65,24 @@ def _handle_errors(command):
             click.echo(f"onnxfold: internal error: {type(error).__name__}: {error} "
                        "(set ONNXFOLD_DEBUG=1 for the traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
 
 def _size(text) -> int:
     """'4096', '1K', '64M' or '1.5G' as a number of bytes."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    unit = text[-1:].upper()
+    number, scale = (text[:-1], units[unit]) if unit in units else (text, 1)
     try:
-        size = float(number) * units[unit]
+        size = float(number) * scale
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a size (bytes, or with a K, M or G suffix)") from None
+        size = math.nan
+    if not math.isfinite(size):  # '', 'x', 'nan', 'inf'
+        raise click.BadParameter(f"'{text}' is not a size (bytes, or with a K, M or G suffix)")
     if size < 0:
         raise click.BadParameter(f"'{text}' is negative")
     return int(size)
@@ -61,6 +90,65 @@ def _size(text) -> int:
 
 def _names(text):
     return [name.strip() for name in text.split(",") if name.strip()] if text else []
+
+
+_PARITY_OPTIONS = [
+    click.option("--rtol", type=float, help="Relative tolerance (default by output dtype)."),
+    click.option("--atol", type=float, help="Absolute tolerance (default by output dtype)."),
+    click.option("--output-tol", multiple=True, metavar="NAME:RTOL[:ATOL]",
+                 help="Tolerance for one output; repeatable. Read from the right, so NAME may hold "
+                      "':' (Identity:0:1e-3). Where the text also reads as NAME:RTOL:ATOL, the "
+                      "reading whose NAME is an output of the model is taken."),
+    click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare."),
+    click.option("--input-range", metavar="LOW,HIGH", help="Range of random float inputs (default -1,1)."),
+    click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDxD",
+                 help="Shape of an input with dynamic dimensions; repeatable."),
+    click.option("--inputs", "input_files", multiple=True, metavar="FILE.npz | NAME=FILE.npy",
+                 help="Your own input data instead of random inputs."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+]
+
+
+def _parity_options(command):
+    """The options that say how parity is checked, for `verify` and `optimize --verify`
+    alike; the command gets them, as given, in one argument `parity` (see _parity_settings)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, rtol, atol, output_tol, samples, input_range, shapes, input_files, seed, **kwargs):
+        parity = {"rtol": rtol, "atol": atol, "output_tol": output_tol, "samples": samples,
+                  "input_range": input_range, "shapes": shapes, "input_files": input_files, "seed": seed}
+        return command(*args, parity=parity, **kwargs)
+
+    for option in reversed(_PARITY_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _parity_settings(parity, models) -> dict:
+    """verify_models' keyword arguments from the parity options; `models`: the paths whose
+    outputs an --output-tol may name."""
+    return {"rtol": parity["rtol"], "atol": parity["atol"],
+            "output_tolerances": _output_tolerances(parity["output_tol"], _output_names(models)),
+            "samples": parity["samples"], "input_range": _pair(parity["input_range"], "--input-range"),
+            "shapes": _shapes(parity["shapes"]), "inputs": _input_files(parity["input_files"]),
+            "seed": parity["seed"]}
+
+
+def _output_names(paths):
+    """A function giving the graph outputs of the models at `paths`, read when first asked.
+    A model that cannot be read is skipped: the command reports it where it reads it."""
+
+    @functools.cache
+    def names() -> set:
+        found = set()
+        for path in paths:
+            try:
+                found |= {output.name for output in open_model(path)[0].graph.output}
+            except OnnxfoldError:
+                continue
+        return found
+
+    return names
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +168,8 @@ def main():
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=Path),
               help="A folder of your own rule files, added to the shipped ones.")
 @click.option("--explain", is_flag=True, help="Say why rules did not apply where they nearly did.")
-@click.option("--verify", "verify", is_flag=True, help="Check parity in onnxruntime before writing.")
+@click.option("--verify", "verify", is_flag=True,
+              help="Check parity in onnxruntime before writing (settings: the options from --rtol on).")
 @click.option("--keep-failed", is_flag=True, help="With --verify: write TARGET even if parity fails.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in TARGET.data (default: as the input did, or when over 2 GB).")
@@ -92,30 +181,37 @@ def main():
                    "being inputs) and fold them. Without it such models are refused.")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_parity_options
 @_handle_errors
 def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
-                     keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet):
+                     keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet, parity):
     """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR.
 
     \b
     onnxfold optimize model.onnx model.opt.onnx
     onnxfold optimize models/ extra.onnx --out-dir optimized/ -j 2
     """
+    if out_dir is None and len(paths) != 2:
+        raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
+    sources = batch_inputs(paths) if out_dir is not None else paths[:1]
     options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data,
-                         size_threshold, freeze_weight_inputs)
+                         size_threshold, freeze_weight_inputs, _parity_settings(parity, sources) if verify else {})
     if out_dir is None:
-        if len(paths) != 2:
-            raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
-        result = optimize_file(*paths, options)
+        result = optimize_file(*paths, options, report=json_path)
         _report_single(result, json_path, explain, quiet)
         sys.exit(_EXIT[result.status])
-    results = _run_batch(batch_inputs(paths), out_dir, options, jobs, quiet)
+    if json_path:
+        targets = batch_targets(sources, out_dir)
+        check_report_path(json_path, {**dict.fromkeys(sources, "an input model"),
+                                      **dict.fromkeys(targets, "an output model"),
+                                      **dict.fromkeys(map(data_file, targets), "an output's external data")})
+    results = _run_batch(sources, out_dir, options, jobs, quiet)
     if json_path:
         write_text(json_path, json.dumps([_job_dict(r) for r in results], indent=2) + "\n")
     sys.exit(max(_EXIT[r.status] for r in results))
 
 
-_EXIT = {OK: 0, FAILED: EXIT_FAILED, BAD_INPUT: EXIT_BAD_INPUT}
+_EXIT = {OK: 0, FAILED: EXIT_FAILED, BAD_INPUT: EXIT_BAD_INPUT, INTERNAL: EXIT_INTERNAL}
 
 
 def _report_single(result, json_path, explain, quiet):
@@ -141,19 +237,20 @@ def _run_batch(sources, out_dir, options, jobs, quiet):
         for warning in result.warnings:
             click.echo(f"onnxfold: warning: {warning}", err=True)
         if result.error:
-            click.echo(f"onnxfold: error: {result.error}", err=True)
+            label = "internal error" if result.status == INTERNAL else "error"
+            click.echo(f"onnxfold: {label}: {result.error}", err=True)
     return results
 
 
 def _batch_table(results) -> str:
     width = max(len(Path(r.source).name) for r in results)
-    rows = [f"{'model':<{width}}  {'status':<13}  {'nodes':>15}  {'seconds':>8}"]
+    rows = [f"{'model':<{width}}  {'status':<14}  {'nodes':>15}  {'seconds':>8}"]
     for r in results:
         nodes, seconds = "", ""
         if r.report is not None:
             nodes = f"{r.report.before['nodes']} -> {r.report.after['nodes']}"
             seconds = f"{r.report.seconds:.3f}"
-        rows.append(f"{Path(r.source).name:<{width}}  {r.status:<13}  {nodes:>15}  {seconds:>8}")
+        rows.append(f"{Path(r.source).name:<{width}}  {r.status:<14}  {nodes:>15}  {seconds:>8}")
     failed = sum(r.status != OK for r in results)
     rows.append(f"{len(results) - failed} of {len(results)} optimized" + (f", {failed} failed" if failed else ""))
     return "\n".join(rows)
@@ -199,34 +296,23 @@ def _describe_rule(rule) -> str:
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("optimized", type=click.Path(path_type=Path))
 @click.option("--providers", help="Comma-separated: cpu, cuda (default: cpu, plus cuda if available).")
-@click.option("--rtol", type=float, help="Relative tolerance (default by output dtype).")
-@click.option("--atol", type=float, help="Absolute tolerance (default by output dtype).")
-@click.option("--output-tol", multiple=True, metavar="NAME:RTOL[:ATOL]",
-              help="Tolerance for one output; repeatable.")
-@click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare.")
-@click.option("--input-range", metavar="LOW,HIGH", help="Range of random float inputs (default -1,1).")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDxD",
-              help="Shape of an input with dynamic dimensions; repeatable.")
-@click.option("--inputs", "input_files", multiple=True, metavar="FILE.npz | NAME=FILE.npy",
-              help="Your own input data instead of random inputs.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--iterations", type=int, default=50, show_default=True)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads.")
 @click.option("--no-latency", is_flag=True, help="Check parity only.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every number as JSON.")
+@_parity_options
 @_handle_errors
-def verify_command(original, optimized, providers, rtol, atol, output_tol, samples, input_range,
-                   shapes, input_files, seed, warmup, iterations, threads, no_latency, json_path):
+def verify_command(original, optimized, providers, warmup, iterations, threads, no_latency, json_path, parity):
     """Compare OPTIMIZED with ORIGINAL: numerical parity and latency in onnxruntime."""
     from .verify import verify_models
 
+    if json_path:
+        check_report_path(json_path, {original: "the original model", optimized: "the optimized model"})
     report = verify_models(
-        original, optimized, providers=_names(providers) or None, rtol=rtol, atol=atol,
-        output_tolerances=_output_tolerances(output_tol), samples=samples,
-        input_range=_pair(input_range, "--input-range"), shapes=_shapes(shapes),
-        inputs=_input_files(input_files), seed=seed, latency=not no_latency, warmup=warmup,
-        iterations=iterations, threads=threads, progress=sys.stderr.isatty())
+        original, optimized, providers=_names(providers) or None, latency=not no_latency, warmup=warmup,
+        iterations=iterations, threads=threads, progress=sys.stderr.isatty(),
+        **_parity_settings(parity, [original]))
     if json_path:
         write_text(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     click.echo(report.render())
@@ -256,18 +342,39 @@ def _shapes(items):
     return shapes or None
 
 
-def _output_tolerances(items):
+def _output_tolerances(items, output_names):
+    """{name: (rtol, atol)} from NAME:RTOL[:ATOL] items; `output_names()` gives the model's
+    outputs, asked only where an item reads both ways ('Identity:0:1e-3')."""
     tolerances = {}
     for item in items:
-        name, *numbers = item.split(":")
-        try:
-            values = [float(n) for n in numbers]
-        except ValueError:
-            values = []
-        if not name or not 1 <= len(values) <= 2:
+        readings = _tolerance_readings(item)
+        if not readings:
             raise OnnxfoldError(f"--output-tol takes NAME:RTOL[:ATOL], not '{item}'")
-        tolerances[name] = (values[0], values[1] if len(values) > 1 else None)
+        if len(readings) == 2:
+            named = [reading for reading in readings if reading[0] in output_names()]
+            if len(named) == 2:
+                raise OnnxfoldError(f"--output-tol '{item}' may be for output '{named[0][0]}' or "
+                                    f"'{named[1][0]}'; add :ATOL to make it NAME:RTOL:ATOL")
+            readings = named or readings  # no output named: verify reports the NAME:RTOL:ATOL reading
+        name, rtol, atol = readings[0]
+        tolerances[name] = (rtol, atol)
     return tolerances or None
+
+
+def _tolerance_readings(item) -> list:
+    """The (name, rtol, atol) that NAME:RTOL[:ATOL] can mean, read from the right since a
+    name may hold ':'; the NAME:RTOL:ATOL reading first."""
+    parts = item.split(":")
+    readings = []
+    for count in (2, 1):
+        name, numbers = ":".join(parts[:-count]), parts[-count:]
+        try:
+            values = [float(number) for number in numbers]
+        except ValueError:
+            continue
+        if name and len(parts) > count:
+            readings.append((name, values[0], values[1] if count == 2 else None))
+    return readings
 
 
 def _input_files(items):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from .graph import onnx_type
 from .modelio import copy_fields
 
 
@@ -25,11 +26,10 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     target.name = graph.name or original.graph.name
     target.doc_string = graph.doc_string or ""
     target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
-    # Inputs and outputs keep their names and what they hold: declared as the input did
-    # (a sequence, optional or map stays one; a dynamic size stays as it was written).
+    # Inputs and outputs keep their names and what they hold: declared as the input did.
     declared = {info.name: info for info in [*original.graph.input, *original.graph.output]}
-    target.input.extend(_declaration(t, declared) for t in graph.inputs)
-    target.output.extend(_declaration(t, declared) for t in graph.outputs)
+    target.input.extend(_value_info(t, declared) for t in graph.inputs)
+    target.output.extend(_value_info(t, declared) for t in graph.outputs)
     tensors = graph.tensors()
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
@@ -42,10 +42,16 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _declaration(tensor, declared: dict) -> onnx.ValueInfoProto:
-    if tensor.name in declared:
-        return declared[tensor.name]
-    return OnnxExporter.export_value_info_proto(tensor, False)
+def _value_info(tensor, declared: dict) -> onnx.ValueInfoProto:
+    """A graph input or output, declared as the input did: no rewrite changes a value's
+    type, graph-surgeon cannot export optional or map types, and a dynamic size written
+    as -1 stays as it was (graph-surgeon's shapes read it as unknown)."""
+    info = declared.get(tensor.name)
+    if info is not None:
+        return info
+    if tensor.dtype is None:
+        return onnx.helper.make_empty_tensor_value_info(tensor.name)
+    return onnx.helper.make_tensor_value_info(tensor.name, onnx_type(tensor.dtype), tensor.shape)
 
 
 def _agrees(info: onnx.ValueInfoProto, tensor) -> bool:
@@ -55,7 +61,7 @@ def _agrees(info: onnx.ValueInfoProto, tensor) -> bool:
     if not info.type.HasField("tensor_type"):
         return info.type.WhichOneof("value") == getattr(tensor, "type", None) or tensor.dtype is None
     kind = info.type.tensor_type
-    if tensor.dtype is not None and kind.elem_type and kind.elem_type != dtype_to_onnx(tensor.dtype):
+    if tensor.dtype is not None and kind.elem_type and kind.elem_type != onnx_type(tensor.dtype):
         return False
     if tensor.shape is None or not kind.HasField("shape"):
         return True
@@ -83,8 +89,11 @@ def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
         proto.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
         return
     array = np.asarray(values)
+    if array.dtype == object:  # strings: ONNX keeps them in string_data, never as raw bytes
+        proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        return
     proto.name = tensor.name
-    proto.data_type = dtype_to_onnx(array.dtype)
+    proto.data_type = onnx_type(array.dtype)
     proto.dims.extend(array.shape)
     proto.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     # The graph reads the weight from the model from now on: one copy in memory, not two.

@@ -50,7 +50,7 @@ def constant_values(tensor) -> np.ndarray:
     """
     stored = tensor._values  # noqa: SLF001 - graph-surgeon's lazily loaded weight
     if isinstance(stored, SparseValues):  # densified without replacing the sparse form
-        return stored.load().astype(tensor.dtype, copy=False)
+        return dense_values(stored.tensor)
     if not isinstance(stored, LazyValues):
         return np.asarray(tensor.values)
     proto = stored.tensor
@@ -60,6 +60,43 @@ def constant_values(tensor) -> np.ndarray:
     if dtype is None or not proto.HasField("raw_data"):
         return stored.load()
     return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
+
+
+def dense_values(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse tensor as a dense read-only array of its values' type.
+
+    Not graph-surgeon's SparseValues.load: it reads only the typed fields (float_data, ...),
+    so values stored as raw_data, as numpy_helper.from_array writes them, come out as zeros.
+    The checker's sparse-tensor check (modelio) has vetted the indices' shape and range.
+    """
+    values = onnx.numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64, copy=False)
+    shape = tuple(sparse.dims)
+    if indices.ndim == 2:  # [NNZ, rank]: one coordinate per row
+        indices = np.ravel_multi_index(tuple(indices.T), shape)
+    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), values.dtype)
+    dense[indices] = values
+    dense = dense.reshape(shape)
+    dense.flags.writeable = False
+    return dense
+
+
+def use_numpy_types(graph) -> None:
+    """Give every value of the graph and its subgraphs a numpy element type.
+
+    graph-surgeon keeps ONNX's type number for the types numpy lacks (bfloat16, float8,
+    int4, ...), where the rest of onnxfold compares numpy dtypes; ml_dtypes, which onnx
+    installs, has them all. Their dtype kind tells the engine whether it may fold them.
+    """
+    for scope in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in scope.tensors().values():
+            if not isinstance(tensor.dtype, int):
+                continue
+            numpy_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)
+            if is_constant(tensor):
+                tensor._values.dtype = numpy_type  # noqa: SLF001 - Constant.dtype reads it
+            else:
+                tensor.dtype = numpy_type
 
 
 def is_reference_constant(tensor) -> bool:
@@ -151,7 +188,7 @@ def infer_output_shapes(node, opset) -> None:
         return
     try:
         schema = onnx.defs.get_schema(node.op, opset, node.domain or "")
-        types = {t.name: onnx.helper.make_tensor_type_proto(_onnx_type(t.dtype), t.shape) for t in present}
+        types = {t.name: onnx.helper.make_tensor_type_proto(onnx_type(t.dtype), t.shape) for t in present}
         data = {t.name: onnx.numpy_helper.from_array(constant_values(t), t.name)
                 for t in present if is_constant(t) and constant_size(t) <= 64}
         proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs],
@@ -165,5 +202,8 @@ def infer_output_shapes(node, opset) -> None:
             tensor.shape = dims_of(kind.tensor_type.shape)
 
 
-def _onnx_type(dtype) -> int:
+def onnx_type(dtype) -> int:
+    """The ONNX element type of a numpy dtype (ml_dtypes included) or ONNX type number.
+
+    Not graph-surgeon's dtype_to_onnx, which calls float8_e4m3fnuz FLOAT8E4M3FN."""
     return dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

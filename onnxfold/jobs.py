@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OnnxfoldError
-from .modelio import checker_complaint, open_model, save_model
+from .modelio import _first_line, check_destination, checker_complaint, open_model, save_model
 from .optimize import optimize, select_rules
 from .references import loaded
 from .ruleset import load_rules
 
-OK, FAILED, BAD_INPUT = "ok", "parity failed", "error"
+OK, FAILED, BAD_INPUT, INTERNAL = "ok", "parity failed", "error", "internal error"
 
 
 @dataclass
@@ -27,6 +27,7 @@ class JobOptions:
     external_data: bool | None = None  # None: as the input had it, or when too big
     size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
     freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
+    parity: dict = field(default_factory=dict)  # with verify: settings for verify_models
 
 
 @dataclass
@@ -40,27 +41,34 @@ class JobResult:
     written: bool = False
 
 
-def optimize_file(source, target, options: JobOptions, rules=None) -> JobResult:
-    """Optimize one file; bad input is recorded in the result, never raised."""
+def optimize_file(source, target, options: JobOptions, rules=None, report=None) -> JobResult:
+    """Optimize one file; bad input is recorded in the result, never raised.
+
+    `report`: where the caller will write the JSON report, checked with the model's own
+    destinations before anything is written.
+    """
     result = JobResult(str(source), str(target))
     try:
-        _run(Path(source), Path(target), options, rules, result)
+        _run(Path(source), Path(target), options, rules, result, report and Path(report))
     except OnnxfoldError as error:
         result.status, result.error = BAD_INPUT, str(error)
     return result
 
 
-def _run(source, target, options, rules, result) -> None:
+def _run(source, target, options, rules, result, report) -> None:
+    check_destination(target)
     if same_file(source, target) and not options.force:
         raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
     if rules is None:
         rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
     model, data_files = open_model(source)  # large weights stay in the file until needed
-    overwritten = [f for f in (target, target.with_name(target.name + ".data"))
-                   if any(same_file(f, data) for data in data_files)]
+    overwritten = [f for f in (target, data_file(target)) if any(same_file(f, data) for data in data_files)]
     if overwritten and not options.force:
         raise OnnxfoldError(f"the output would replace the input's external data {overwritten[0]}; "
                             "pass --force to allow it", source)
+    if report:
+        check_report_path(report, {source: "the input model", **dict.fromkeys(data_files, "its external data"),
+                                   target: "the output model", data_file(target): "the output's external data"})
     complaint = checker_complaint(model)
     if complaint:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
@@ -75,7 +83,7 @@ def _run(source, target, options, rules, result) -> None:
         from .culprit import verify_optimization
 
         report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report,
-                                                  options.freeze_weight_inputs)
+                                                  options.freeze_weight_inputs, options.parity)
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
@@ -83,6 +91,21 @@ def _run(source, target, options, rules, result) -> None:
         wanted = (bool(data_files) or None) if options.external_data is None else options.external_data
         save_model(optimized, target, external_data=wanted, size_threshold=options.size_threshold)
         result.written = True
+
+
+def check_report_path(report, models: dict) -> None:
+    """Refuse a report path that could not be written or would replace one of the files
+    in `models` ({path: what it is}: inputs, their external data, outputs), before
+    anything is written."""
+    check_destination(report, text=True)
+    for model, what in models.items():
+        if same_file(Path(report), Path(model)):
+            raise OnnxfoldError(f"the report would replace {what}", report)
+
+
+def data_file(target: Path) -> Path:
+    """Where save_model puts the external data of `target`."""
+    return target.with_name(target.name + ".data")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -104,20 +127,42 @@ def batch_inputs(paths) -> list:
     return found
 
 
-def optimize_many(sources, out_dir, options: JobOptions, jobs=1, on_done=None) -> list:
-    """Optimize each source into out_dir, independently; one bad model stops nothing."""
+def batch_targets(sources, out_dir) -> list:
+    """The output of each source in out_dir: its file name there."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise OnnxfoldError("the output folder does not exist", out_dir)
     targets = [out_dir / Path(source).name for source in sources]
     if len(set(targets)) != len(targets):
         raise OnnxfoldError("two inputs have the same file name; they would overwrite each other")
+    return targets
+
+
+def optimize_many(sources, out_dir, options: JobOptions, jobs=1, on_done=None) -> list:
+    """Optimize each source into out_dir, independently; one bad model stops nothing."""
+    targets = batch_targets(sources, out_dir)
     select_rules(load_rules(options.rule_dirs), options.only, options.skip)  # fail early
     results = [None] * len(sources)
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(optimize_file, s, t, options): i for i, (s, t) in enumerate(zip(sources, targets))}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(results[futures[future]])
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = _outcome(future, sources[i], targets[i])
+                if on_done:
+                    on_done(results[i])
+        except BaseException:  # Ctrl-C or SIGTERM: start no more jobs
+            for future in futures:
+                future.cancel()
+            raise
     return results
+
+
+def _outcome(future, source, target) -> JobResult:
+    """The job's result; a bug (or a crashed worker) is that job's status, not the batch's end."""
+    try:
+        return future.result()
+    except Exception as error:  # noqa: BLE001 - reported, with the exit code of a bug
+        return JobResult(str(source), str(target), INTERNAL,
+                         f"{source}: {type(error).__name__}: {_first_line(error)} "
+                         "(run it alone with ONNXFOLD_DEBUG=1 for the traceback)")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -12,8 +15,9 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
-from .references import (INLINE_LIMIT, copy_reference, forget_basepaths, is_reference, point_to,
-                         refer_to_external_data, scan_model, shape_bytes)
+from .validate import validate_model
+from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
+                         load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -32,7 +36,7 @@ def read_model(path):
     except (DecodeError, RuntimeError, ValueError) as error:
         raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
     forget_basepaths(model)
-    return model, _with_external_data(model, path, _load_external_data)
+    return model, _with_external_data(model, path, load_external_data)
 
 
 def open_model(path):
@@ -59,10 +63,11 @@ def _readable_file(path) -> Path:
 
 
 def _with_external_data(model, path, read_external) -> set:
-    """Check the model is one, read or refer to its external data; the files it named."""
+    """Check the model is one, read or refer to its external data, check its structure
+    (validate.py); the external data files it named."""
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxfoldError("not an ONNX model (no graph or no opset import)", path)
-    external = {path.parent / entry.value for t in _all_tensors(model)
+    external = {path.parent / entry.value for t in all_tensors(model)
                 if t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
                 for entry in t.external_data if entry.key == "location"}
     if external:
@@ -70,6 +75,10 @@ def _with_external_data(model, path, read_external) -> set:
             read_external(model, path.parent)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+    try:
+        validate_model(model)
+    except OnnxfoldError as error:
+        raise OnnxfoldError(str(error), path) from None
     return external
 
 
@@ -108,29 +117,28 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
     Note: saving with external data moves the tensor bytes out of `model`.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxfoldError("the output folder does not exist", folder)
-    if not os.access(folder, os.W_OK):
-        raise OnnxfoldError("the output folder is not writable", folder)
+    check_destination(path)
     too_big = tensor_bytes(model) > PROTOBUF_LIMIT
     if too_big and external_data is False:
         raise OnnxfoldError("the model is over 2 GiB, the most one protobuf file can hold; "
                             "save it with external data (drop --no-external-data)", path)
     external_data = too_big if external_data is None else external_data
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as scratch:
-        staged, data_name = Path(scratch) / path.name, path.name + ".data"
-        try:
+    data_name = path.name + ".data"
+    if external_data:
+        check_destination(path.with_name(data_name))
+    try:
+        with _scratch_beside(path) as scratch:
+            staged, staged_data = scratch / path.name, scratch / data_name
             if external_data:
-                with open(Path(scratch) / data_name, "wb") as data:
+                with open(staged_data, "wb") as data:
                     move_weights_out(model, data, data_name, size_threshold)
             with open(staged, "wb") as handle:
                 write_in_pieces(model, handle)
-        except (OSError, ValueError) as error:
-            raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
-        if external_data and (Path(scratch) / data_name).stat().st_size:
-            os.replace(Path(scratch) / data_name, folder / data_name)
-        os.replace(staged, path)
+            if external_data and staged_data.stat().st_size:
+                os.replace(staged_data, path.with_name(data_name))
+            os.replace(staged, path)
+    except (OSError, ValueError) as error:
+        raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
 
 
 def move_weights_out(model: onnx.ModelProto, data, data_name: str, size_threshold: int) -> None:
@@ -255,10 +263,6 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     return shape_bytes(tensor)
 
 
-def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
-    onnx.external_data_helper.load_external_data_for_model(model, str(folder))
-
-
 def _all_tensors(model: onnx.ModelProto):
     return onnx.external_data_helper._get_all_tensors(model)
 
@@ -269,15 +273,77 @@ def _first_line(error: Exception) -> str:
 
 
 def write_text(path, text: str) -> None:
-    """Write a text file atomically (reports, JSON)."""
+    """Write a text file (reports, JSON) atomically; a device or FIFO that is there already
+    (/dev/stdout, /dev/null, a pipe) is written into, never replaced."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxfoldError("the output folder does not exist", folder)
+    check_destination(path, text=True)
     try:
-        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", delete=False,
-                                         encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        if path.exists() and not path.is_file():
+            _write_into(path, text)
+            return
+        with _scratch_beside(path) as scratch:
+            (scratch / path.name).write_text(text, encoding="utf-8")
+            os.replace(scratch / path.name, path)
     except OSError as error:
         raise OnnxfoldError(f"could not write ({_first_line(error)})", path) from None
+
+
+def _write_into(path: Path, text: str) -> None:
+    # Non-blocking open: a FIFO nobody reads is an error, not a hang.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            raise OnnxfoldError("no process is reading from this FIFO", path) from None
+        raise
+    os.set_blocking(fd, True)
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def check_destination(path, text=False) -> None:
+    """Refuse, before anything is written, a path that save_model (or, with `text`,
+    write_text) could not write or must not replace: a missing or read-only folder, a name
+    too long, a folder, a device or FIFO (replacing /dev/null would destroy it). A text
+    report may go into a character device or FIFO, which write_text writes into."""
+    path = Path(path)
+    folder = _folder(path)
+    if not folder.is_dir():
+        raise OnnxfoldError("the output folder does not exist", folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OnnxfoldError("the output folder is not writable", folder)
+    limit = _name_max(folder)
+    if len(os.fsencode(path.name)) > limit:
+        raise OnnxfoldError(f"the file name is longer than the {limit} bytes the file system allows", path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise OnnxfoldError(f"cannot use it as an output ({_first_line(error)})", path) from None
+    if stat.S_ISDIR(mode):
+        raise OnnxfoldError("is a folder, not a file name", path)
+    if not stat.S_ISREG(mode) and not (text and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):
+        raise OnnxfoldError("is a device, FIFO or socket, not a regular file; refusing to replace it", path)
+
+
+@contextmanager
+def _scratch_beside(path: Path):
+    """A temporary folder beside `path` (same file system: os.replace is atomic), removed
+    afterwards with whatever is left in it, also on Ctrl-C or SIGTERM (see cli.py)."""
+    # '.NAME.' + 8 random characters, NAME cut so that the whole is a legal file name.
+    room = _name_max(_folder(path)) - len("..") - 8
+    prefix = "." + os.fsdecode(os.fsencode(path.name)[:room]) + "."
+    with tempfile.TemporaryDirectory(dir=_folder(path), prefix=prefix) as scratch:
+        yield Path(scratch)
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from .engine import Engine, NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .graph import dims_of, without_negative_dims
+from .graph import dims_of, use_numpy_types, without_negative_dims
 from .modelio import checker_complaint, copy_without, load_model, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
@@ -38,6 +38,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
         model = _without_inputs(model, set(frozen))
     before = model_stats(model)
     graph = gs.import_onnx(model)
+    use_numpy_types(graph)
     _apply_inferred_shapes(graph, model)
     graph.toposort()
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.

@@ -148,7 +148,7 @@ def _without_raw_data(buffer, start, stop):
 def forget_basepaths(model: onnx.ModelProto) -> None:
     """Drop `basepath` entries a file gave its tensors: only onnxfold makes references,
     and a file must not point onnxfold at data outside its folder."""
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in all_tensors(model):
         if any(entry.key == _BASEPATH for entry in tensor.external_data):
             kept = [entry for entry in tensor.external_data if entry.key != _BASEPATH]
             del tensor.external_data[:]
@@ -171,11 +171,42 @@ def refer_to_external_data(model: onnx.ModelProto, folder: Path) -> None:
         if path and length is not None and offset >= 0 and _plain_raw(tensor, length) and \
                 offset + length <= path.stat().st_size:
             _refer(tensor, path, offset, length)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    load_external_data(model, folder)
+
+
+def load_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Read every external tensor but references in, sparse ones included. onnx's loader
+    checks each file is inside `folder` and holds the bytes named."""
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL and not is_reference(tensor):
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor of the model whose data may be in a file: onnx's list (initializers and
+    attribute tensors), plus the values and indices of sparse tensors, which it leaves out."""
+    yield from onnx.external_data_helper._get_all_tensors(model)
+    for graph in graphs(model):
+        sparse = list(graph.sparse_initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                sparse += [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+                sparse += attribute.sparse_tensors
+        for tensor in sparse:
+            yield tensor.values
+            yield tensor.indices
+
+
+def graphs(model: onnx.ModelProto):
+    """The main graph and every graph nested in a node attribute, at any depth."""
+    pending = [model.graph]
+    while pending:
+        graph = pending.pop()
+        yield graph
+        for node in graph.node:
+            for attribute in node.attribute:
+                pending += [attribute.g] if attribute.HasField("g") else []
+                pending += attribute.graphs
 
 
 def _inside(folder: Path, location: str):

@@ -136,8 +136,11 @@ def test_unusual_encodings_read_as_onnx_reads_them(tmp_path):
     from onnxfold import wire
 
     model = model_with_large_weights()
-    big = next(t for t in model.graph.initializer if t.name == "big")
-    twice = big.SerializeToString() + wire.field_header(9, 8) + b"\x00" * 8  # raw_data again
+    big = onnx.TensorProto()
+    big.CopyFrom(next(t for t in model.graph.initializer if t.name == "big"))
+    big.name = "big2"  # another weight: a model may not define one name twice
+    size = len(big.raw_data)
+    twice = big.SerializeToString() + wire.field_header(9, size) + b"\x01" * size  # raw_data again
     graph = onnx.GraphProto()
     graph.initializer.add().ParseFromString(twice)
     encoded = model.SerializeToString() + wire.field_header(7, graph.ByteSize()) + graph.SerializeToString()
