@@ -146,6 +146,29 @@ def attributes(node) -> dict:
     return filled
 
 
+def is_static(shape) -> bool:
+    """Every dim of the shape is a known size.
+
+    A negative dim_value is how some converters mark a dynamic dim (onnxruntime takes
+    any size there); 0 is a real size (an empty tensor), enforced like any other.
+    """
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+
+def dims_of(shape) -> list:
+    """A TensorShapeProto's dims as graph-surgeon holds them: a size, a name, or None
+    when unknown (a negative size included)."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+            for d in shape.dim]
+
+
+def without_negative_dims(shape):
+    """A graph-surgeon shape with negative sizes (dynamic, see is_static) as unknown."""
+    if shape is None:
+        return None
+    return [None if isinstance(d, int) and d < 0 else d for d in shape]
+
+
 def rank_of(tensor):
     """The tensor's rank if known (constants always are), else None."""
     if tensor is None or tensor.shape is None:
@@ -177,8 +200,7 @@ def infer_output_shapes(node, opset) -> None:
     for tensor in node.outputs:
         kind = inferred.get(tensor.name)
         if tensor.shape is None and kind is not None and kind.tensor_type.HasField("shape"):
-            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                            for d in kind.tensor_type.shape.dim]
+            tensor.shape = dims_of(kind.tensor_type.shape)
 
 
 def onnx_type(dtype) -> int:

@@ -78,6 +78,7 @@ def _run(source, target, options, rules, result, report) -> None:
     except OnnxfoldError as error:  # a refusal about the model: name its file
         raise error if error.path else OnnxfoldError(str(error), source) from None
     result.report = report
+    result.warnings += report.warnings
     if options.verify:
         from .culprit import verify_optimization
 

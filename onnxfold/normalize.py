@@ -10,21 +10,28 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, constant_values, is_constant, is_reference_constant, is_standard, producer
+from .engine import NameSource
+from .graph import (attributes, constant_values, is_constant, is_reference_constant, is_standard, is_static,
+                    producer)
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
-_COUNTS = ("constant-nodes", "constant-subgraphs", "identity-and-dropout", "neutral-elementwise",
-           "identity-reshape")
+_COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
+           "neutral-elementwise", "identity-reshape")
 _PASS_THROUGH = {"Identity", "Dropout"}
 
 
-def normalize(graph: gs.Graph) -> dict:
-    """Run every clean-up once; return how many nodes each removed."""
+def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
+    """Run every clean-up once; return how many nodes each removed.
+
+    `names` gives fresh names unique across all scopes (for inlined If branches).
+    """
     graph.cleanup()  # drop nodes an earlier rewrite disconnected
     _name_nodes(graph)
+    names = names or NameSource([graph, *graph.subgraphs(recursive=True)])
     counts = dict.fromkeys(_COUNTS, 0)
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
+    counts["constant-if"] = _inline_constant_ifs(graph, names)
     for node in list(graph.nodes):
         if not is_standard(node):
             continue
@@ -100,10 +107,70 @@ def _fold_constant_subgraphs(graph) -> int:
         _read_in_weights(foldable)
         # fold_shapes=False: graph-surgeon's shape folding ignores Shape's start/end and
         # elides casts in integer arithmetic; static shapes are folded above instead.
+        # flatten_subgraphs=False: graph-surgeon's inlining of an If loses a branch output
+        # that is an outer value, a constant or also read inside the branch; the If is
+        # inlined by _inline_constant_ifs instead.
         graph.fold_constants(fold_shapes=False, error_ok=True, should_exclude_node=_never_fold,
-                             size_threshold=_FOLD_SIZE_LIMIT)
+                             size_threshold=_FOLD_SIZE_LIMIT, flatten_subgraphs=False)
     graph.cleanup()
     return before - len(graph.nodes)
+
+
+def _inline_constant_ifs(graph, names) -> int:
+    """An If whose condition is a constant is replaced by the branch it takes."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "If" or not is_standard(node) or not is_constant(node.inputs[0]):
+            continue
+        condition = constant_values(node.inputs[0]).reshape(-1)
+        if condition.size != 1:
+            continue
+        taken, dropped = ("then_branch", "else_branch") if condition[0] else ("else_branch", "then_branch")
+        if len(node.attrs[taken].outputs) != len(node.outputs):
+            continue
+        _inline_branch(graph, node, node.attrs[taken], names)
+        _detach(node.attrs[dropped])
+        count += 1
+    return count
+
+
+def _inline_branch(graph, node, branch, names) -> None:
+    """Put the branch's nodes in the If's place; Identity nodes pass its results on.
+
+    A branch output may be an outer value, a constant, or also read inside the branch,
+    so the If's outputs are not simply handed to the branch's producers; the clean-ups
+    remove the Identity nodes where they can. Values the branch computes get fresh
+    names (two branches, or a branch and the graph, may use the same names); outer
+    values keep theirs.
+    """
+    outer = graph.tensors()
+    for inner in branch.nodes:
+        inner.name = names.fresh(inner.name or inner.op)
+        for tensor in inner.outputs:
+            if tensor.name:
+                tensor.name = names.fresh(tensor.name)
+        for tensor in inner.inputs:
+            if is_constant(tensor) and outer.get(tensor.name, tensor) is not tensor:
+                tensor.name = names.fresh(tensor.name)
+    results = list(node.outputs)
+    node.inputs.clear()
+    node.outputs.clear()
+    links = [gs.Node("Identity", names.fresh(f"{node.name}_{result.name}"), inputs=[value], outputs=[result])
+             for value, result in zip(branch.outputs, results)]
+    index = graph.nodes.index(node)
+    graph.nodes[index:index + 1] = [*branch.nodes, *links]
+    branch.nodes, branch.outputs = [], []
+
+
+def _detach(graph) -> None:
+    """Disconnect a dropped branch from the values it reads, so no count of consumers
+    (nor a later clean-up of this now unreachable scope) still sees it."""
+    for node in graph.nodes:
+        for subgraph in node.subgraphs():
+            _detach(subgraph)
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes, graph.inputs, graph.outputs = [], [], []
 
 
 def _read_in_weights(nodes) -> None:
@@ -136,7 +203,7 @@ def _static_shapes(graph) -> None:
         if node.op != "Shape" or not is_standard(node):
             continue
         shape = node.inputs[0].shape
-        if shape is None or not all(isinstance(d, int) for d in shape):
+        if not is_static(shape):
             continue
         rank = len(shape)
         start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
@@ -162,7 +229,7 @@ def _cast_like_constants(graph) -> None:
 def _is_identity_reshape(node) -> bool:
     """A Reshape whose input already has the (static) shape it asks for."""
     data, target = node.inputs[0], node.inputs[1]
-    if not is_constant(target) or data.shape is None or not all(isinstance(d, int) for d in data.shape):
+    if not is_constant(target) or not is_static(data.shape):
         return False
     spec = constant_values(target).reshape(-1).tolist()
     if len(spec) != len(data.shape):
@@ -205,7 +272,7 @@ def _broadcast_keeps_shape(data, constant) -> bool:
         return False
     if all(size == 1 for size in shape):
         return True
-    return all(isinstance(d, int) for d in data.shape) and \
+    return is_static(data.shape) and \
         np.broadcast_shapes(tuple(data.shape), shape) == tuple(data.shape)
 
 
@@ -221,7 +288,8 @@ def _bypass(graph, node, source=None) -> int:
         if source in graph.inputs or source in outputs or origin is None or origin not in graph.nodes:
             return 0
         source.name = result.name
-        source.dtype = source.dtype or result.dtype
+        if source.dtype is None:  # the output's declared kind (a sequence stays one)
+            source.dtype, source.type = result.dtype, result.type
         source.shape = source.shape or result.shape
         outputs[outputs.index(result)] = source
     for consumer in list(result.outputs):

@@ -10,9 +10,9 @@ import onnx_graphsurgeon as gs
 
 from .engine import Engine, NameSource
 from .export import export_model
-from .graph import use_numpy_types
 from .errors import OnnxfoldError
-from .modelio import copy_without, load_model, without_large_weights
+from .graph import dims_of, use_numpy_types, without_negative_dims
+from .modelio import checker_complaint, copy_without, load_model, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -22,14 +22,17 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
 
     Weights also listed as graph inputs (old exports) are refused, or with
     `freeze_weight_inputs` taken as fixed: dropped from the graph inputs, then folded.
+    Below IR version 4 they are fixed by the format's rule (every weight had to be listed
+    as an input; onnxruntime does not take them as feeds), so they are always folded.
     Returns (optimized ModelProto, Report).
     """
     started = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
+    source = model
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
     frozen = _weight_inputs(model)
-    if frozen and not freeze_weight_inputs:
+    if frozen and not freeze_weight_inputs and model.ir_version >= 4:
         _refuse_overridable_weights(frozen)
     if frozen:
         model = _without_inputs(model, set(frozen))
@@ -51,22 +54,41 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     misses = [m for g, e in zip(graphs, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
     optimized = export_model(graph, model)
+    _check_output(source, optimized)
     # The graph's nodes and values refer to each other: only the cycle collector frees
     # them, and with them the arrays of folded weights; on a large model, do it now.
     del graph, graphs, engines, names
     gc.collect()
     report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
                     normalized=normalized, rewrites=rewrites, misses=misses,
-                    rules=[rule.name for rule in rules], frozen_inputs=frozen)
+                    rules=[rule.name for rule in rules], frozen_inputs=frozen,
+                    warnings=_format_warnings(source, optimized, frozen))
     return optimized, report
+
+
+def _format_warnings(source, optimized, frozen) -> list:
+    """One line when the output declares a newer IR version than the input."""
+    if optimized.ir_version <= source.ir_version:
+        return []
+    why = (f"below IR 4 its {len(frozen)} weights listed as graph inputs are constants by the "
+           "format's rule: folded them as fixed" if frozen and source.ir_version < 4 else
+           "before IR 4 every weight had to be a graph input as well")
+    return [f"wrote IR version {optimized.ir_version} (the input has {source.ir_version}): {why}"]
+
+
+def _check_output(source, optimized) -> None:
+    """A written model the ONNX checker rejects, from an input it accepts, is a bug."""
+    complaint = checker_complaint(optimized)
+    if complaint and not checker_complaint(source):
+        raise RuntimeError(f"the optimized model fails the ONNX checker ({complaint}); the input passes")
 
 
 def _rewrite_to_fixpoint(graph, engine) -> dict:
     """Rules and clean-ups in turn until neither changes the graph; the clean-up counts."""
-    normalized = normalize(graph)
+    normalized = normalize(graph, engine.names)
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
-        again = normalize(graph)
+        again = normalize(graph, engine.names)
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not any(again.values()):
             return normalized
@@ -105,17 +127,76 @@ def select_rules(rules, only=None, skip=None) -> list:
 
 
 def _apply_inferred_shapes(graph, model) -> None:
-    """Fill in value shapes from ONNX shape inference, run on a copy without big weights."""
-    inferred = onnx.shape_inference.infer_shapes(without_large_weights(model), strict_mode=False, data_prop=True)
-    tensors = graph.tensors()
-    for info in [*inferred.graph.value_info, *inferred.graph.output]:
-        tensor = tensors.get(info.name)
-        if tensor is None or isinstance(tensor, gs.Constant) or tensor.shape is not None:
-            continue
-        kind = info.type.tensor_type
-        if not kind.HasField("shape"):
-            continue
-        tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                        for d in kind.shape.dim]
-        if tensor.dtype is None and kind.elem_type:
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type)
+    """Give every computed value, in every scope, the type and shape ONNX inference finds.
+
+    The file's own annotations (value_info, declared output shapes) are not trusted: a
+    stale one would let a clean-up remove a Reshape that does change the shape. Graph
+    inputs keep their declared shapes, a negative size read as dynamic (is_static).
+    """
+    inferred = _inferred_types(model)
+    scopes = [graph, *graph.subgraphs(recursive=True)]
+    declared = {id(t) for scope in scopes for t in scope.inputs}
+    for scope in scopes:
+        for tensor in scope.inputs:
+            tensor.shape = without_negative_dims(tensor.shape)
+        for tensor in scope.tensors().values():
+            if not isinstance(tensor, gs.Constant) and id(tensor) not in declared:
+                _set_type(tensor, inferred.get(tensor.name))
+
+
+def _inferred_types(model) -> dict:
+    """Value name -> TypeProto from shape inference, run on a copy without big weights nor
+    the file's annotations; a name two scopes give different types is left out."""
+    skeleton = without_large_weights(model)
+    for scope in _scopes(skeleton.graph):
+        del scope.value_info[:]
+        for info in scope.input:
+            _forget_sizes(info, keep_static=True)
+        for info in scope.output:
+            _forget_sizes(info, keep_static=False)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    types, ambiguous = {}, set()
+    for scope in _scopes(inferred.graph):
+        for info in [*scope.value_info, *scope.output]:
+            if types.setdefault(info.name, info.type) != info.type:
+                ambiguous.add(info.name)
+    return {name: kind for name, kind in types.items() if name not in ambiguous}
+
+
+def _scopes(graph: onnx.GraphProto):
+    """The graph and every graph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                yield from _scopes(subgraph)
+
+
+def _forget_sizes(info, keep_static) -> None:
+    """Drop a declared tensor shape (an output's), or just its negative sizes (an input's)."""
+    kind = info.type.tensor_type if info.type.HasField("tensor_type") else None
+    if kind is None or not kind.HasField("shape"):
+        return
+    if not keep_static:
+        kind.ClearField("shape")
+        return
+    for dim in kind.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value < 0:
+            dim.ClearField("dim_value")
+
+
+def _set_type(tensor, kind) -> None:
+    """The inferred type of a computed value; its shape unknown where inference has none."""
+    tensor.shape = None
+    field = kind.WhichOneof("value") if kind is not None else None
+    if field == "tensor_type":
+        tensor.type, inner = "tensor_type", kind.tensor_type
+        if inner.HasField("shape"):
+            tensor.shape = dims_of(inner.shape)
+    elif field == "sequence_type" and kind.sequence_type.elem_type.HasField("tensor_type"):
+        # A sequence keeps no shape: rules read shapes as those of tensors.
+        tensor.type, inner = "sequence_type", kind.sequence_type.elem_type.tensor_type
+    else:
+        return
+    if tensor.dtype is None and inner.elem_type:
+        tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(inner.elem_type)

@@ -46,6 +46,7 @@ class Report:
     misses: list
     rules: list
     frozen_inputs: list = field(default_factory=list)  # weights that stopped being graph inputs
+    warnings: list = field(default_factory=list)  # one line each, for the user
     verification: dict | None = field(default=None)
 
     def fired(self) -> dict:
@@ -62,6 +63,7 @@ class Report:
             "not_applied": [asdict(m) for m in self.misses],
             "rules": self.rules,
             "frozen_weight_inputs": self.frozen_inputs,
+            "warnings": self.warnings,
             "verification": self.verification,
         }
 

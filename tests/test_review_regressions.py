@@ -133,9 +133,9 @@ def test_weights_that_are_also_graph_inputs_are_refused():
         optimize(model)
 
 
-def _old_style_conv_bn():
-    """Conv + BN as old exporters wrote it (keep_initializers_as_inputs): IR 3, opset 8,
-    every weight also a graph input."""
+def _old_style_conv_bn(ir_version=7):
+    """Conv + BN as exporters write it with keep_initializers_as_inputs: opset 8, every
+    weight also a graph input (overridable from IR 4 on; see test_adversarial_models for IR 3)."""
     model = model_from_text("""
 <ir_version: 8, opset_import: ["" : 8]>
 g (float[1,3,8,8] x, float[4,3,3,3] W, float[4] gamma, float[4] beta, float[4] mean, float[4] var)
@@ -145,7 +145,7 @@ g (float[1,3,8,8] x, float[4,3,3,3] W, float[4] gamma, float[4] beta, float[4] m
 }""")
     model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
                              for t in model.graph.initializer)
-    model.ir_version = 3
+    model.ir_version = ir_version
     onnx.checker.check_model(model)
     return model
 

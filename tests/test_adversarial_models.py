@@ -1,0 +1,242 @@
+"""Valid models whose optimized form once failed to load or computed something else:
+constant If nodes, dynamic (negative) dims, stale annotations, non-tensor outputs, and
+IR version 3. Every written model must pass the checker and load in onnxruntime."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from onnxfold import optimize
+
+from .helpers import assert_same_function, op_counts, run
+
+F = TensorProto.FLOAT
+vi = helper.make_tensor_value_info
+
+
+def _model(nodes, inputs, outputs, initializers=(), value_info=(), opset=17, ir_version=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers), value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def _valid(optimized):
+    """The output passes the checker (with types) and loads in onnxruntime."""
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized
+
+
+def _shape_condition(then_nodes, then_out, else_nodes, else_out, extra=()):
+    """If(Shape(x)[0] == 1) as PyTorch exports `if x.shape[0] == 1`, x of shape [1, 4]."""
+    then_g = helper.make_graph(then_nodes, "then", [], [vi(then_out, F, None)], list(extra))
+    else_g = helper.make_graph(else_nodes, "else", [], [vi(else_out, F, None)])
+    return [helper.make_node("Shape", ["x"], ["sh"]),
+            helper.make_node("Gather", ["sh", "zero"], ["d0"], axis=0),
+            helper.make_node("Equal", ["d0", "one"], ["cond"]),
+            helper.make_node("If", ["cond"], ["t0"], then_branch=then_g, else_branch=else_g)]
+
+
+_INDEX_CONSTANTS = [nh.from_array(np.array(0, np.int64), "zero"), nh.from_array(np.array(1, np.int64), "one")]
+_X = {"x": np.array([[-1, 2, -3, 4]], np.float32)}
+
+
+def test_if_with_shape_derived_condition_becomes_its_branch():
+    nodes = _shape_condition([helper.make_node("Relu", ["x"], ["t"])], "t",
+                             [helper.make_node("Neg", ["x"], ["e"])], "e")
+    model = _model([*nodes, helper.make_node("Sigmoid", ["t0"], ["y"])], [vi("x", F, [1, 4])],
+                   [vi("y", F, [1, 4])], _INDEX_CONSTANTS)
+    optimized, report = optimize(model)
+    assert op_counts(_valid(optimized)) == {"Relu": 1, "Sigmoid": 1}
+    assert report.normalized["constant-if"] == 1
+    assert_same_function(model, optimized, feeds=_X)
+
+
+@pytest.mark.parametrize("kind", ["outer value", "branch weight", "read inside too"])
+def test_inlined_branch_keeps_outputs_that_no_node_of_it_computes_alone(kind):
+    """graph-surgeon's own inlining lost these: the If's output then had no producer."""
+    extra, then_nodes, then_out = [], [helper.make_node("Identity", ["x"], ["t"])], "t"
+    if kind == "branch weight":
+        extra, then_out = [nh.from_array(np.full((1, 4), 3, np.float32), "w")], "w"
+    if kind == "read inside too":
+        then_nodes, then_out = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "r"], ["s"])], "r"
+    nodes = _shape_condition(then_nodes, then_out, [helper.make_node("Neg", ["x"], ["e"])], "e", extra)
+    model = _model([*nodes, helper.make_node("Mul", ["t0", "x"], ["y"])], [vi("x", F, [1, 4])],
+                   [vi("y", F, [1, 4])], _INDEX_CONSTANTS)
+    optimized, _ = optimize(model)
+    assert "If" not in op_counts(_valid(optimized))
+    assert_same_function(model, optimized, feeds=_X)
+
+
+def test_two_inlined_ifs_with_the_same_inner_names_stay_distinct():
+    nodes = []
+    for index, op in enumerate(["Relu", "Neg"]):
+        branch = helper.make_graph([helper.make_node(op, ["x"], ["inner"])], f"b{index}", [], [vi("inner", F, None)])
+        nodes.append(helper.make_node("If", ["true"], [f"o{index}"], then_branch=branch, else_branch=branch))
+    nodes.append(helper.make_node("Add", ["o0", "o1"], ["y"]))
+    model = _model(nodes, [vi("x", F, [1, 4])], [vi("y", F, [1, 4])], [nh.from_array(np.array(True), "true")])
+    optimized, _ = optimize(model)
+    assert "If" not in op_counts(_valid(optimized))
+    assert_same_function(model, optimized, feeds=_X)
+
+
+def test_if_output_that_is_a_graph_output_keeps_its_name():
+    nodes = _shape_condition([helper.make_node("Relu", ["x"], ["t"])], "t",
+                             [helper.make_node("Neg", ["x"], ["e"])], "e")
+    model = _model(nodes, [vi("x", F, [1, 4])], [vi("t0", F, [1, 4])], _INDEX_CONSTANTS)
+    optimized, _ = optimize(model)
+    assert [o.name for o in _valid(optimized).graph.output] == ["t0"]
+    assert op_counts(optimized) == {"Relu": 1}
+    assert_same_function(model, optimized, feeds=_X)
+
+
+def test_negative_dim_value_is_dynamic():
+    """onnxruntime takes any size for a dim_value of -1: Shape(x) is not a constant."""
+    model = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=F)],
+                   [vi("x", F, [-1, 4])], [vi("y", F, [2])])
+    optimized, _ = optimize(model)
+    assert "Shape" in op_counts(_valid(optimized))
+    feeds = {"x": np.ones((3, 4), np.float32)}
+    assert run(optimized, feeds)["y"].tolist() == [3.0, 4.0]
+    assert optimized.graph.input[0] == model.graph.input[0]  # declared as it was
+
+
+def test_stale_value_info_does_not_make_a_reshape_an_identity():
+    model = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Reshape", ["t", "s"], ["y"])],
+                   [vi("x", F, [1, 4, 8, 8])], [vi("y", F, [1, 4, 64])],
+                   [nh.from_array(np.array([1, 4, 64], np.int64), "s")],
+                   value_info=[vi("t", F, [1, 4, 64])])  # stale: Relu keeps [1,4,8,8]
+    optimized, _ = optimize(model)
+    assert "Reshape" in op_counts(_valid(optimized))
+    assert run(optimized, {"x": np.ones((1, 4, 8, 8), np.float32)})["y"].shape == (1, 4, 64)
+    assert not [v for v in optimized.graph.value_info if v.name == "t"]  # the stale note is dropped
+
+
+def test_value_info_that_agrees_with_inference_is_kept():
+    model = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["y"])],
+                   [vi("x", F, [1, 4])], [vi("y", F, [1, 4])], value_info=[vi("t", F, [1, 4])])
+    optimized, _ = optimize(model)
+    assert [v.name for v in optimized.graph.value_info] == ["t"]
+
+
+def test_sequence_output_behind_identity_keeps_its_type():
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(F, [1, 4]))
+    model = _model([helper.make_node("SplitToSequence", ["x"], ["s"]), helper.make_node("Identity", ["s"], ["y"])],
+                   [vi("x", F, [4, 4])], [helper.make_value_info("y", seq)])
+    optimized, _ = optimize(model)
+    assert optimized.graph.output[0] == model.graph.output[0]
+    assert op_counts(_valid(optimized)) == {"SplitToSequence": 1}
+    assert len(run(optimized, {"x": np.ones((4, 4), np.float32)})["y"]) == 4
+
+
+def test_optional_output_behind_identity_keeps_its_type():
+    optional = helper.make_optional_type_proto(helper.make_tensor_type_proto(F, [4]))
+    model = _model([helper.make_node("Optional", ["x"], ["o"]), helper.make_node("Identity", ["o"], ["y"])],
+                   [vi("x", F, [4])], [helper.make_value_info("y", optional)], opset=18)
+    optimized, _ = optimize(model)
+    assert optimized.graph.output[0] == model.graph.output[0]
+    _valid(optimized)
+    assert run(optimized, {"x": np.ones(4, np.float32)})["y"].tolist() == [1.0] * 4
+
+
+# IR version 3: every weight must also be a graph input, and is a constant all the same.
+
+def _ir3_conv_bn(weights_as_constant_nodes=False):
+    """Conv + BN as exporters wrote it at IR 3, opset 8."""
+    rng = np.random.default_rng(0)
+    weights = {"W": rng.normal(size=(4, 3, 3, 3)), "B": rng.normal(size=4), "gamma": rng.uniform(0.5, 2, 4),
+               "beta": rng.normal(size=4), "mean": rng.normal(size=4), "var": rng.uniform(0.5, 2, 4)}
+    weights = {name: values.astype(np.float32) for name, values in weights.items()}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
+    inputs, initializers = [vi("x", F, [1, 3, 8, 8])], []
+    if weights_as_constant_nodes:
+        nodes[:0] = [helper.make_node("Constant", [], [name], value=nh.from_array(v)) for name, v in weights.items()]
+    else:
+        inputs += [vi(name, F, v.shape) for name, v in weights.items()]
+        initializers = [nh.from_array(v, name) for name, v in weights.items()]
+    return _model(nodes, inputs, [vi("y", F, [1, 4, 8, 8])], initializers, opset=8, ir_version=3)
+
+
+_IR3_FEEDS = {"x": np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)}
+
+
+def test_ir3_weight_inputs_are_constants_and_folded_by_default():
+    model = _ir3_conv_bn()
+    optimized, report = optimize(model)
+    assert op_counts(_valid(optimized)) == {"Conv": 1}
+    assert [i.name for i in optimized.graph.input] == ["x"]
+    assert optimized.ir_version == 4 and len(report.frozen_inputs) == 6
+    assert len(report.warnings) == 1 and "IR version 4 (the input has 3)" in report.warnings[0]
+    assert_same_function(model, optimized, feeds=_IR3_FEEDS)
+
+
+def test_ir3_constant_nodes_become_weights_of_a_valid_model():
+    model = _ir3_conv_bn(weights_as_constant_nodes=True)
+    optimized, report = optimize(model)
+    assert op_counts(_valid(optimized)) == {"Conv": 1}
+    assert optimized.ir_version == 4 and report.frozen_inputs == [] and len(report.warnings) == 1
+    assert_same_function(model, optimized, feeds=_IR3_FEEDS)
+
+
+def test_ir3_model_from_the_command_line(tmp_path):
+    from .test_cli import onnxfold
+
+    source, target, report = tmp_path / "old.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(_ir3_conv_bn(), str(source))
+    done = onnxfold("optimize", source, target, "--verify", "--json", report)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("onnxfold: warning:") == 1 and "IR version 4" in done.stderr
+    assert "parity in onnxruntime: passed" in done.stdout
+    written = json.loads(report.read_text())
+    assert len(written["frozen_weight_inputs"]) == 6 and len(written["warnings"]) == 1
+    optimized = onnx.load(str(target))
+    assert op_counts(_valid(optimized)) == {"Conv": 1}
+    assert_same_function(onnx.load(str(source)), optimized, feeds=_IR3_FEEDS)
+
+
+def test_a_broken_output_is_an_internal_error(monkeypatch):
+    """The pipeline checks what it wrote: an output the checker rejects is never returned."""
+    pipeline = importlib.import_module("onnxfold.optimize")  # the package exports a function of that name
+
+    real_export = pipeline.export_model
+
+    def broken_export(graph, original):
+        model = real_export(graph, original)
+        del model.graph.node[0]  # a value no node computes any more
+        return model
+
+    monkeypatch.setattr(pipeline, "export_model", broken_export)
+    model = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["y"])],
+                   [vi("x", F, [1, 4])], [vi("y", F, [1, 4])])
+    with pytest.raises(RuntimeError, match="checker"):
+        optimize(model)
+
+
+def test_subgraph_sequence_output_behind_identity_keeps_its_type_when_inference_cannot_tell():
+    """A Loop body's sequence output computed by a custom op (no inference) through Identity."""
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(F, None))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cin"], ["cout"]),
+         helper.make_node("MakeSequence", ["sin", "x"], ["s2"], domain="custom"),
+         helper.make_node("Identity", ["s2"], ["sout"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("cin", TensorProto.BOOL, []), helper.make_value_info("sin", seq)],
+        [vi("cout", TensorProto.BOOL, []), helper.make_value_info("sout", seq)])
+    graph = helper.make_graph([helper.make_node("SequenceEmpty", [], ["s0"]),
+                               helper.make_node("Loop", ["n", "", "s0"], ["sf"], body=body)], "g",
+                              [vi("x", F, [2]), vi("n", TensorProto.INT64, [])], [helper.make_value_info("sf", seq)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    model.ir_version = 8
+    optimized, _ = optimize(model)
+    body = optimized.graph.node[-1].attribute[0].g
+    assert [n.op_type for n in body.node].count("Identity") == 1  # the sequence's Identity went
+    assert body.output[1].type.WhichOneof("value") == "sequence_type"
