@@ -95,6 +95,19 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def validity_complaint(model: onnx.ModelProto) -> str | None:
+    """What the ONNX checker, or strict shape inference, says against the model, if anything:
+    a model with a complaint may still run, but one that makes onnxfold fail is bad input."""
+    complaint = checker_complaint(model)
+    if complaint:
+        return complaint
+    try:
+        onnx.shape_inference.infer_shapes(without_large_weights(model), strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
+        return _first_line(error)
+    return None
+
+
 def without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its large weights turned into typed graph inputs: cheap to copy,
     check and run shape inference on."""
@@ -308,8 +321,7 @@ def check_destination(path, text=False) -> None:
     report may go into a character device or FIFO, which write_text writes into."""
     path = Path(path)
     folder = _folder(path)
-    if not folder.is_dir():
-        raise OnnxfoldError("the output folder does not exist", folder)
+    require_folder(folder)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OnnxfoldError("the output folder is not writable", folder)
     limit = _name_max(folder)
@@ -336,6 +348,13 @@ def _scratch_beside(path: Path):
     prefix = "." + os.fsdecode(os.fsencode(path.name)[:room]) + "."
     with tempfile.TemporaryDirectory(dir=_folder(path), prefix=prefix) as scratch:
         yield Path(scratch)
+
+
+def require_folder(folder: Path) -> None:
+    """Refuse an output folder that is missing, or that is a file."""
+    if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise OnnxfoldError(f"the output folder {problem}", folder)
 
 
 def _folder(path: Path) -> Path:

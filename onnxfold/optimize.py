@@ -12,7 +12,7 @@ from .engine import Engine, NameSource
 from .export import export_model
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
-from .modelio import checker_complaint, copy_without, load_model, without_large_weights
+from .modelio import checker_complaint, copy_without, load_model, validity_complaint, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -29,8 +29,23 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     started = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
-    source = model
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
+    try:
+        return _optimize(model, rules, freeze_weight_inputs, started)
+    except (OnnxfoldError, MemoryError):
+        raise
+    except Exception as error:
+        # A model ONNX itself rejects (a BatchNormalization with three inputs, parameters
+        # of the wrong size) is bad input, not a bug; on a valid model this is a bug.
+        complaint = validity_complaint(model)
+        if complaint is None:
+            raise
+        raise OnnxfoldError(f"not a valid ONNX model ({complaint}); optimizing it failed "
+                            f"({type(error).__name__})") from error
+
+
+def _optimize(model, rules, freeze_weight_inputs, started):
+    source = model
     frozen = _weight_inputs(model)
     if frozen and not freeze_weight_inputs and model.ir_version >= 4:
         _refuse_overridable_weights(frozen)

@@ -138,8 +138,11 @@ def test_bfloat16_conv_bn_is_left_alone_not_an_internal_error(tmp_path):
     assert result.status == OK, result.error
     optimized = onnx.load(target)
     onnx.checker.check_model(optimized, full_check=True)
-    # Folding would compute in bfloat16 (numpy has no such floating type): left as it was.
+    # Folding would compute in bfloat16 (numpy has no such floating type): left as it was,
+    # and --explain says so rather than speak of integer rounding.
     assert [n.op_type for n in optimized.graph.node] == ["Conv", "BatchNormalization"]
+    reasons = {m.reason for m in result.report.misses if m.rule == "fold-bn-into-conv"}
+    assert reasons == {"onnxfold folds float16, float32 and float64 values, not bfloat16"}
     assert {t.name: numpy_helper.to_array(t).tobytes() for t in optimized.graph.initializer} == \
         {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
 
@@ -242,7 +245,23 @@ def _bad_sparse_index():
                        numpy_helper.from_array(np.int64([3, 999]), "k_idx"), size=4)
 
 
+def _conv_bn(change):
+    """A Conv + BatchNormalization, changed into a model ONNX rejects (the engine used to
+    crash on these: exit 3)."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "W"), *_bn(rng, 4)]
+    model = _model(_conv_bn_nodes(), [value("x", F, [1, 4, 8, 8])], [value("y", F, [1, 4, 8, 8])], weights)
+    change(model)
+    return model
+
+
 MALFORMED = {
+    "BatchNormalization with three inputs": (lambda tmp: _conv_bn(lambda m: m.graph.node[1].input.__delitem__(
+        slice(3, 5))), "not a valid ONNX model"),
+    "BatchNormalization parameters of the wrong size": (lambda tmp: _conv_bn(lambda m: m.graph.initializer[1].CopyFrom(
+        numpy_helper.from_array(np.ones(3, np.float32), "g"))), "not a valid ONNX model"),
+    "Conv without a weight": (lambda tmp: _conv_bn(lambda m: m.graph.node[0].input.__delitem__(1)),
+                              "not a valid ONNX model"),
     "a cycle": (lambda tmp: _cycle(), "cycle"),
     "unknown element type": (lambda tmp: _edit(lambda m: setattr(m.graph.initializer[0], "data_type", 65)),
                              "unknown element type"),
