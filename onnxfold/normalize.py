@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .engine import NameSource
 from .graph import (attributes, constant_values, is_constant, is_reference_constant, is_standard, is_static,
-                    producer)
+                    onnx_type, producer)
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
@@ -100,7 +100,7 @@ def _fold_constant_subgraphs(graph) -> int:
     is something to fold, since it copies the graph to do it.
     """
     before = len(graph.nodes)
-    _cast_like_constants(graph)
+    _cast_like_to_cast(graph)
     _static_shapes(graph)
     foldable = [node for node in graph.nodes if _foldable(node)]
     if foldable:
@@ -214,16 +214,16 @@ def _static_shapes(graph) -> None:
         result.to_constant(values)
 
 
-def _cast_like_constants(graph) -> None:
-    """CastLike(constant, x) with x's type known is a constant (the dynamo exporter's habit)."""
+def _cast_like_to_cast(graph) -> None:
+    """CastLike(constant, x) with x's type known is Cast(constant, to=that type), a constant
+    subgraph: onnxruntime then folds it with ONNX's own rounding and saturation, which
+    numpy's astype does not follow for float8 and int4 (the dynamo exporter's habit)."""
     for node in graph.nodes:
         if node.op != "CastLike" or not is_standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
             continue
-        values = constant_values(node.inputs[0]).astype(node.inputs[1].dtype)
-        result = node.outputs[0]
-        node.inputs.clear()
-        node.outputs.clear()
-        result.to_constant(values)
+        saturate = {key: value for key, value in node.attrs.items() if key == "saturate"}
+        node.op, node.attrs = "Cast", {"to": onnx_type(node.inputs[1].dtype), **saturate}
+        del node.inputs[1]
 
 
 def _is_identity_reshape(node) -> bool:

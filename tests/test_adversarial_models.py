@@ -240,3 +240,26 @@ def test_subgraph_sequence_output_behind_identity_keeps_its_type_when_inference_
     body = optimized.graph.node[-1].attribute[0].g
     assert [n.op_type for n in body.node].count("Identity") == 1  # the sequence's Identity went
     assert body.output[1].type.WhichOneof("value") == "sequence_type"
+
+
+@pytest.mark.parametrize("target, value, expected", [
+    (TensorProto.FLOAT8E4M3FN, 1000.0, 448.0),  # saturates to the largest finite value
+    (TensorProto.FLOAT8E5M2, -1e6, -57344.0),
+    (TensorProto.INT4, 7.0, 7.0),
+])
+def test_cast_like_constant_folds_with_onnx_cast_rules(target, value, expected):
+    """CastLike(constant, x) folded with numpy's astype gave NaN where ONNX saturates a
+    float8 cast to 448: the fold must follow onnxruntime's Cast."""
+    model = _model([helper.make_node("Cast", ["x"], ["low"], to=target),
+                    helper.make_node("CastLike", ["c", "low"], ["c_low"]),
+                    helper.make_node("Cast", ["c_low"], ["c_back"], to=F),
+                    helper.make_node("Add", ["x", "c_back"], ["y"])],
+                   [vi("x", F, [1, 4])], [vi("y", F, [1, 4])],
+                   [nh.from_array(np.float32([value]), "c")], opset=21, ir_version=10)
+    optimized, report = optimize(model)
+    _valid(optimized)
+    assert "CastLike" not in op_counts(optimized) and report.normalized["constant-subgraphs"] >= 1
+    feeds = {"x": np.zeros((1, 4), np.float32)}
+    expected_y = run(model, feeds)["y"]
+    np.testing.assert_array_equal(expected_y, np.full((1, 4), expected, np.float32))
+    np.testing.assert_array_equal(run(optimized, feeds)["y"], expected_y)
