@@ -314,15 +314,23 @@ def _element_types_agree(rule, match) -> str | None:
     """Weights folded together share one floating type, that of the value computed."""
     folded = _compute_inputs(rule, match)
     kinds = {np.dtype(t.dtype).name for t in match.values.values()
-             if t is not None and is_constant(t) and np.dtype(t.dtype).kind in "fiu" and t.name in folded}
+             if t is not None and is_constant(t) and np.dtype(t.dtype).kind in "fiuV" and t.name in folded}
     root = match.values[rule.root.targets[0]]
     if root.dtype is not None:
         kinds.add(np.dtype(root.dtype).name)
     if len(kinds) > 1:
         return f"the weights and the result mix element types ({', '.join(sorted(kinds))})"
-    if kinds and np.dtype(kinds.pop()).kind != "f":
+    kind = np.dtype(kinds.pop()) if kinds else None
+    if kind is not None and kind.kind in "iub":
         return "the values are not floating point: folding would change integer rounding"
+    if kind is not None and kind not in _FOLDED_TYPES:
+        return f"onnxfold folds float16, float32 and float64 values, not {kind.name}"
     return None
+
+
+# The types the engine folds in float64 and casts back once; onnxruntime runs them on the
+# CPU, so every fold in them is checked there. bfloat16 and float8 are left as they are.
+_FOLDED_TYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
 def _compute_inputs(rule, match) -> set:
