@@ -161,7 +161,7 @@ def main():
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path),
               help="Batch mode: optimize every input (files, or folders of .onnx) into DIR.")
-@click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Batch mode: processes.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Batch mode: processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--only", help="Run only these rules (comma-separated).")
 @click.option("--skip", help="Do not run these rules (comma-separated).")

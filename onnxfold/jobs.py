@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OnnxfoldError
-from .modelio import _first_line, check_destination, checker_complaint, open_model, save_model
+from .modelio import _first_line, check_destination, checker_complaint, open_model, require_folder, save_model
 from .optimize import optimize, select_rules
 from .references import loaded
 from .ruleset import load_rules
@@ -130,8 +130,7 @@ def batch_inputs(paths) -> list:
 def batch_targets(sources, out_dir) -> list:
     """The output of each source in out_dir: its file name there."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise OnnxfoldError("the output folder does not exist", out_dir)
+    require_folder(out_dir)
     targets = [out_dir / Path(source).name for source in sources]
     if len(set(targets)) != len(targets):
         raise OnnxfoldError("two inputs have the same file name; they would overwrite each other")

@@ -304,3 +304,23 @@ def test_optimize_verify_takes_the_input_options_of_verify(tmp_path):
     assert parity["settings"]["input_range"] == [0.0, 2.0]
     assert parity["providers"][0]["outputs"][0]["rtol"] == 1e-3
     assert [n.op_type for n in onnx.load(str(target)).graph.node] == ["Conv"]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_batch_needs_at_least_one_process(tmp_path, jobs):
+    (tmp_path / "in").mkdir()
+    onnx.save(model_from_text(CONV_BN), tmp_path / "in" / "m.onnx")
+    result = onnxfold("optimize", tmp_path / "in", "--out-dir", tmp_path, "-j", jobs)
+    assert result.returncode == 2 and "-j" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_an_output_folder_that_is_a_file_is_named_so(tmp_path, batch):
+    source, file = tmp_path / "m.onnx", tmp_path / "file"
+    onnx.save(model_from_text(CONV_BN), source)
+    file.write_text("not a folder")
+    args = [source, "--out-dir", file] if batch else [source, file / "out.onnx"]
+    result = onnxfold("optimize", *args)
+    assert result.returncode == 2
+    assert one_error_line(result) == f"onnxfold: error: {file}: the output folder is a file, not a folder"
