@@ -53,6 +53,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxfoldError
+from .graph import dims_of
 from .modelio import load_model
 
 CPU = "CPUExecutionProvider"
@@ -176,7 +177,7 @@ def verify_models(original, optimized, *, providers=None, rtol=None, atol=None,
 
     original, optimized: paths or onnx.ModelProto.
     providers: short names ("cpu", "cuda", ...) or full execution-provider names;
-        None = ["cpu"], plus "cuda" when onnxruntime has CUDAExecutionProvider.
+        None = ["cpu"], plus "cuda" where onnxruntime has CUDAExecutionProvider and its library loads.
     rtol, atol: tolerances for every output (atol absolute); None = dtype defaults.
     output_tolerances: {output name: (rtol, atol)}, either may be None; beats rtol/atol.
     samples: number of random input sets (forced to 1 when `inputs` is given).
@@ -355,9 +356,7 @@ def _signature(model):
 def _tensor_type(tensor_type):
     if not tensor_type.HasField("shape"):
         return tensor_type.elem_type, None
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor_type.shape.dim]
-    return tensor_type.elem_type, dims
+    return tensor_type.elem_type, dims_of(tensor_type.shape)
 
 
 def _check_signatures(orig, opt):

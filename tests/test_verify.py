@@ -456,3 +456,17 @@ def test_only_unavailable_providers_fail(monkeypatch):
     report = verify_models(conv_bn(), conv_folded(), providers=["cuda"], latency=False)
     assert not report.passed
     assert any("nothing was verified" in w for w in report.warnings)
+
+
+def test_a_negative_input_dim_is_dynamic(tmp_path):
+    """Some converters write dim_value -1 for a dynamic dim; verify read it as a size
+    (exit 3: negative dimensions are not allowed). Dim 0 unset is a batch of 1, with a note."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,4] x) => (float[2,4] y) { y = Relu(x) }
+    """)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    report = verify_models(model, model, latency=False)
+    assert report.passed and report.inputs[0].shape == [1, 4]
+    assert any("batch" in note for note in report.notes)
