@@ -111,9 +111,10 @@ def reshape_keeps_features(shape, weight):
     if reason:
         return reason
     target = constant_values(shape).reshape(-1).tolist()
-    features = _shape(weight)[-1:]
-    if len(target) != 2 or target[-1:] != list(features):
-        return f"Reshape to {target} does not keep the {list(features)} features as axis 1 of a 2-D tensor"
+    features = list(_shape(weight)[-1:])  # empty for a scalar weight
+    if len(target) != 2 or target[-1:] != features:
+        count = features[0] if features else "no"
+        return f"Reshape to {target} does not keep the {count} features as axis 1 of a 2-D tensor"
     return None
 
 
