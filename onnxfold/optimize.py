@@ -16,6 +16,7 @@ from .modelio import checker_complaint, copy_without, load_model, validity_compl
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
+from .scopes import without_shadowed_names
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
@@ -52,6 +53,7 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     if frozen:
         model = _without_inputs(model, set(frozen))
     before = model_stats(model)
+    model = without_shadowed_names(model)
     graph = gs.import_onnx(model)
     use_numpy_types(graph)
     _apply_inferred_shapes(graph, model)
@@ -82,13 +84,17 @@ def _optimize(model, rules, freeze_weight_inputs, started):
 
 
 def _format_warnings(source, optimized, frozen) -> list:
-    """One line when the output declares a newer IR version than the input."""
+    """A line for each change of format: a newer IR version, a dropped training section."""
+    warnings = []
+    if source.training_info:
+        warnings.append(f"dropped the model's training_info ({len(source.training_info)} entries): "
+                        "it names weights that folds replace; the output is an inference model")
     if optimized.ir_version <= source.ir_version:
-        return []
+        return warnings
     why = (f"below IR 4 its {len(frozen)} weights listed as graph inputs are constants by the "
            "format's rule: folded them as fixed" if frozen and source.ir_version < 4 else
            "before IR 4 every weight had to be a graph input as well")
-    return [f"wrote IR version {optimized.ir_version} (the input has {source.ir_version}): {why}"]
+    return warnings + [f"wrote IR version {optimized.ir_version} (the input has {source.ir_version}): {why}"]
 
 
 def _check_output(source, optimized) -> None:

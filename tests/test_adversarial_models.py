@@ -263,3 +263,68 @@ def test_cast_like_constant_folds_with_onnx_cast_rules(target, value, expected):
     expected_y = run(model, feeds)["y"]
     np.testing.assert_array_equal(expected_y, np.full((1, 4), expected, np.float32))
     np.testing.assert_array_equal(run(optimized, feeds)["y"], expected_y)
+
+
+def _bn_weights(rng, names=("g", "b", "m", "v")):
+    scale = [rng.normal(size=4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.5, 2, 4)]
+    return [nh.from_array(values.astype(np.float32), name) for name, values in zip(names, scale)]
+
+
+def test_a_body_weight_that_shadows_an_outer_one_is_the_one_folded():
+    """An If body may define its own g, b, m, v while the enclosing graph has some too
+    (lexical scoping, as onnxruntime runs it); graph-surgeon read the outer ones inside the
+    body, and the body's Conv+BN was folded with the wrong statistics."""
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c2"]),
+                              helper.make_node("BatchNormalization", ["c2", "g", "b", "m", "v"], ["t"])],
+                             "then", [], [vi("t", F, [1, 4, 4, 4])], _bn_weights(rng))
+    other = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e"])], "else", [], [vi("e", F, [1, 4, 4, 4])])
+    weight = nh.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W")
+    model = _model([helper.make_node("Conv", ["x", "W"], ["c"]),
+                    helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["o1"]),
+                    helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+                   [vi("x", F, [1, 3, 4, 4]), vi("cond", TensorProto.BOOL, [])],
+                   [vi("y", F, [1, 4, 4, 4]), vi("o1", F, [1, 4, 4, 4])], [weight, *_bn_weights(rng)])
+    optimized, report = optimize(model)
+    _valid(optimized)
+    assert report.fired() == {"fold-bn-into-conv": 2}
+    for cond in (True, False):
+        feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32), "cond": np.array(cond)}
+        assert_same_function(model, optimized, feeds=feeds)
+
+
+def test_a_loop_body_input_that_shadows_an_outer_value_keeps_its_meaning():
+    """The body's input `s` is its loop-carried state, not the outer `s` of the same name."""
+    body = helper.make_graph([helper.make_node("Identity", ["keep"], ["keep_out"]),
+                              helper.make_node("Add", ["s", "one"], ["s_out"])], "body",
+                             [vi("i", TensorProto.INT64, []), vi("keep", TensorProto.BOOL, []), vi("s", F, [4])],
+                             [vi("keep_out", TensorProto.BOOL, []), vi("s_out", F, [4])],
+                             [nh.from_array(np.ones(4, np.float32), "one")])
+    model = _model([helper.make_node("Mul", ["x", "two"], ["s"]),
+                    helper.make_node("Loop", ["n", "", "x"], ["y"], body=body),
+                    helper.make_node("Add", ["y", "s"], ["z"])],
+                   [vi("x", F, [4]), vi("n", TensorProto.INT64, [])], [vi("z", F, [4])],
+                   [nh.from_array(np.float32([2, 2, 2, 2]), "two")])
+    optimized, _ = optimize(model)
+    _valid(optimized)
+    feeds = {"x": np.float32([1, 2, 3, 4]), "n": np.array(3, np.int64)}
+    np.testing.assert_array_equal(run(optimized, feeds)["z"], run(model, feeds)["z"])
+
+
+def test_training_info_is_dropped_with_a_warning():
+    """training_info binds the weights by name; after a fold replaced W it named nothing."""
+    rng = np.random.default_rng(0)
+    weight = nh.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W")
+    model = _model([helper.make_node("Conv", ["x", "W"], ["c"]),
+                    helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])],
+                   [vi("x", F, [1, 3, 4, 4])], [vi("y", F, [1, 4, 4, 4])], [weight, *_bn_weights(rng)])
+    training = model.training_info.add()
+    training.algorithm.CopyFrom(helper.make_graph([helper.make_node("Identity", ["W"], ["W_new"])], "step", [],
+                                                  [vi("W_new", F, [4, 3, 1, 1])]))
+    binding = training.update_binding.add()
+    binding.key, binding.value = "W", "W_new"
+    optimized, report = optimize(model)
+    _valid(optimized)
+    assert report.fired() == {"fold-bn-into-conv": 1} and not optimized.training_info
+    assert any("training_info" in warning for warning in report.warnings)
+    assert_same_function(model, optimized)

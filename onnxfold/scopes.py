@@ -1,0 +1,101 @@
+"""Subgraph names that shadow an enclosing graph's, renamed apart before the import.
+
+ONNX scopes names lexically: an If or Loop body may define its own `g` (an initializer,
+an input, a node output) while its enclosing graph has one too, and inside the body `g`
+means the body's. onnx-graphsurgeon resolves every name in one table, so it would read
+the outer `g` inside the body: a fold there would use the wrong weights. Renaming the
+inner definitions (and the body's uses of them) apart keeps each scope's meaning.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+
+def without_shadowed_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself when no subgraph redefines an enclosing graph's name; else a copy
+    in which every such inner name is renamed apart."""
+    if not any(_clashes(graph, outer) for graph, outer in _scopes(model.graph)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = _all_names(copy.graph)
+    _unshadow(copy.graph, set(), taken)
+    return copy
+
+
+def _scopes(graph, outer=frozenset()):
+    """(graph, the names its enclosing graphs define) for the graph and every nested one."""
+    yield graph, outer
+    inner = outer | _defined(graph)
+    for body in _bodies(graph):
+        yield from _scopes(body, inner)
+
+
+def _unshadow(graph, outer: set, taken: set) -> None:
+    renames = {}
+    for name in sorted(_clashes(graph, outer)):
+        renames[name] = _fresh(name, taken)
+    if renames:
+        _rename_definitions(graph, renames)
+        _rename_uses(graph, renames)
+    inner = outer | _defined(graph)
+    for body in _bodies(graph):
+        _unshadow(body, inner, taken)
+
+
+def _rename_definitions(graph, renames) -> None:
+    for tensor in graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = renames.get(sparse.values.name, sparse.values.name)
+    for info in graph.input:
+        info.name = renames.get(info.name, info.name)
+    for node in graph.node:
+        node.output[:] = [renames.get(name, name) for name in node.output]
+
+
+def _rename_uses(graph, renames) -> None:
+    """Uses of the renamed names in the graph and in bodies that do not define them anew."""
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    for info in [*graph.output, *graph.value_info]:
+        info.name = renames.get(info.name, info.name)
+    for body in _bodies(graph):
+        inherited = {old: new for old, new in renames.items() if old not in _defined(body)}
+        if inherited:
+            _rename_uses(body, inherited)
+
+
+def _clashes(graph, outer) -> set:
+    return _defined(graph) & outer if outer else set()
+
+
+def _defined(graph) -> set:
+    names = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    names |= {info.name for info in graph.input}
+    names |= {name for node in graph.node for name in node.output if name}
+    return names
+
+
+def _bodies(graph):
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield attribute.g
+            yield from attribute.graphs
+
+
+def _all_names(graph) -> set:
+    names = set()
+    for scope, _ in _scopes(graph):
+        names |= _defined(scope) | {name for node in scope.node for name in node.input}
+    return names
+
+
+def _fresh(name: str, taken: set) -> str:
+    counter = 1
+    while f"{name}__{counter}" in taken:
+        counter += 1
+    taken.add(f"{name}__{counter}")
+    return f"{name}__{counter}"
