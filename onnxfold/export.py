@@ -21,7 +21,8 @@ from .modelio import copy_fields
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The graph as a model with every field but the graph taken from `original`."""
     model = onnx.ModelProto()
-    copy_fields(original, model, but=("graph",))
+    # training_info names the weights folds replace: the output is an inference model.
+    copy_fields(original, model, but=("graph", "training_info"))
     target = model.graph
     target.name = graph.name or original.graph.name
     target.doc_string = graph.doc_string or ""
