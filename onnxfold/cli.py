@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -23,10 +24,13 @@ from . import __version__
 from .errors import OnnxfoldError
 from .jobs import (BAD_INPUT, FAILED, INTERNAL, OK, JobOptions, batch_inputs, batch_targets, check_report_path,
                    data_file, optimize_file, optimize_many)
-from .modelio import open_model, write_text
+from .modelio import write_text
+from .parity_options import parity_options, parity_settings
 from .ruleset import load_rules
+from .text import table
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
+PROGRESS_AFTER_S = 2.0  # verify's latency runs show progress once they take longer
 
 
 class _Terminated(KeyboardInterrupt):
@@ -92,65 +96,6 @@ def _names(text):
     return [name.strip() for name in text.split(",") if name.strip()] if text else []
 
 
-_PARITY_OPTIONS = [
-    click.option("--rtol", type=float, help="Relative tolerance (default by output dtype)."),
-    click.option("--atol", type=float, help="Absolute tolerance (default by output dtype)."),
-    click.option("--output-tol", multiple=True, metavar="NAME:RTOL[:ATOL]",
-                 help="Tolerance for one output; repeatable. Read from the right, so NAME may hold "
-                      "':' (Identity:0:1e-3). Where the text also reads as NAME:RTOL:ATOL, the "
-                      "reading whose NAME is an output of the model is taken."),
-    click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare."),
-    click.option("--input-range", metavar="LOW,HIGH", help="Range of random float inputs (default -1,1)."),
-    click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDxD",
-                 help="Shape of an input with dynamic dimensions; repeatable."),
-    click.option("--inputs", "input_files", multiple=True, metavar="FILE.npz | NAME=FILE.npy",
-                 help="Your own input data instead of random inputs."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
-]
-
-
-def _parity_options(command):
-    """The options that say how parity is checked, for `verify` and `optimize --verify`
-    alike; the command gets them, as given, in one argument `parity` (see _parity_settings)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, rtol, atol, output_tol, samples, input_range, shapes, input_files, seed, **kwargs):
-        parity = {"rtol": rtol, "atol": atol, "output_tol": output_tol, "samples": samples,
-                  "input_range": input_range, "shapes": shapes, "input_files": input_files, "seed": seed}
-        return command(*args, parity=parity, **kwargs)
-
-    for option in reversed(_PARITY_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _parity_settings(parity, models) -> dict:
-    """verify_models' keyword arguments from the parity options; `models`: the paths whose
-    outputs an --output-tol may name."""
-    return {"rtol": parity["rtol"], "atol": parity["atol"],
-            "output_tolerances": _output_tolerances(parity["output_tol"], _output_names(models)),
-            "samples": parity["samples"], "input_range": _pair(parity["input_range"], "--input-range"),
-            "shapes": _shapes(parity["shapes"]), "inputs": _input_files(parity["input_files"]),
-            "seed": parity["seed"]}
-
-
-def _output_names(paths):
-    """A function giving the graph outputs of the models at `paths`, read when first asked.
-    A model that cannot be read is skipped: the command reports it where it reads it."""
-
-    @functools.cache
-    def names() -> set:
-        found = set()
-        for path in paths:
-            try:
-                found |= {output.name for output in open_model(path)[0].graph.output}
-            except OnnxfoldError:
-                continue
-        return found
-
-    return names
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxfold")
 def main():
@@ -181,7 +126,7 @@ def main():
                    "being inputs) and fold them. Without it such models are refused.")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@_parity_options
+@parity_options
 @_handle_errors
 def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
                      keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet, parity):
@@ -195,7 +140,7 @@ def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, exp
         raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
     sources = batch_inputs(paths) if out_dir is not None else paths[:1]
     options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data,
-                         size_threshold, freeze_weight_inputs, _parity_settings(parity, sources) if verify else {})
+                         size_threshold, freeze_weight_inputs, parity_settings(parity, sources) if verify else None)
     if out_dir is None:
         result = optimize_file(*paths, options, report=json_path)
         _report_single(result, json_path, explain, quiet)
@@ -243,17 +188,17 @@ def _run_batch(sources, out_dir, options, jobs, quiet):
 
 
 def _batch_table(results) -> str:
-    width = max(len(Path(r.source).name) for r in results)
-    rows = [f"{'model':<{width}}  {'status':<14}  {'nodes':>15}  {'seconds':>8}"]
+    rows = []
     for r in results:
         nodes, seconds = "", ""
         if r.report is not None:
             nodes = f"{r.report.before['nodes']} -> {r.report.after['nodes']}"
             seconds = f"{r.report.seconds:.3f}"
-        rows.append(f"{Path(r.source).name:<{width}}  {r.status:<14}  {nodes:>15}  {seconds:>8}")
+        rows.append([Path(r.source).name, r.status, nodes, seconds])
+    lines = table(["model", "status", "nodes", "seconds"], rows, align="<<>>")
     failed = sum(r.status != OK for r in results)
-    rows.append(f"{len(results) - failed} of {len(results)} optimized" + (f", {failed} failed" if failed else ""))
-    return "\n".join(rows)
+    lines.append(f"{len(results) - failed} of {len(results)} optimized" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
 
 
 def _job_dict(result) -> dict:
@@ -301,7 +246,7 @@ def _describe_rule(rule) -> str:
 @click.option("--threads", type=int, help="onnxruntime intra-op threads.")
 @click.option("--no-latency", is_flag=True, help="Check parity only.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every number as JSON.")
-@_parity_options
+@parity_options
 @_handle_errors
 def verify_command(original, optimized, providers, warmup, iterations, threads, no_latency, json_path, parity):
     """Compare OPTIMIZED with ORIGINAL: numerical parity and latency in onnxruntime."""
@@ -309,83 +254,28 @@ def verify_command(original, optimized, providers, warmup, iterations, threads, 
 
     if json_path:
         check_report_path(json_path, {original: "the original model", optimized: "the optimized model"})
-    report = verify_models(
-        original, optimized, providers=_names(providers) or None, latency=not no_latency, warmup=warmup,
-        iterations=iterations, threads=threads, progress=sys.stderr.isatty(),
-        **_parity_settings(parity, [original]))
+    settings = parity_settings(parity, [original], providers=_names(providers) or None, latency=not no_latency,
+                                warmup=warmup, iterations=iterations, threads=threads)
+    report = verify_models(original, optimized, settings, progress=_LatencyProgress() if sys.stderr.isatty() else None)
     if json_path:
         write_text(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     click.echo(report.render())
     sys.exit(0 if report.passed else EXIT_FAILED)
 
 
-def _pair(text, option):
-    if not text:
-        return None
-    try:
-        low, high = (float(part) for part in text.split(","))
-    except ValueError:
-        raise OnnxfoldError(f"{option} takes LOW,HIGH, not '{text}'") from None
-    return low, high
+class _LatencyProgress:
+    """verify's progress callback: one line on stderr, rewritten in place, once timing has
+    taken over PROGRESS_AFTER_S seconds (a short measurement would only flicker)."""
 
+    def __init__(self):
+        self.started, self.shown = 0.0, False
 
-def _shapes(items):
-    shapes = {}
-    for item in items:
-        name, _, dims = item.rpartition(":")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            raise OnnxfoldError(f"--shape takes NAME:1x3x224x224, not '{item}'") from None
-        if not name:
-            raise OnnxfoldError(f"--shape takes NAME:1x3x224x224, not '{item}'")
-    return shapes or None
+    def __call__(self, provider, done, total):
+        if done == 0:
+            self.started, self.shown = time.perf_counter(), False
+        elif time.perf_counter() - self.started > PROGRESS_AFTER_S:
+            self.shown = True
+            click.echo(f"\rlatency on {provider}: {done}/{total} runs", nl=False, err=True)
+        if done == total and self.shown:
+            click.echo(err=True)
 
-
-def _output_tolerances(items, output_names):
-    """{name: (rtol, atol)} from NAME:RTOL[:ATOL] items; `output_names()` gives the model's
-    outputs, asked only where an item reads both ways ('Identity:0:1e-3')."""
-    tolerances = {}
-    for item in items:
-        readings = _tolerance_readings(item)
-        if not readings:
-            raise OnnxfoldError(f"--output-tol takes NAME:RTOL[:ATOL], not '{item}'")
-        if len(readings) == 2:
-            named = [reading for reading in readings if reading[0] in output_names()]
-            if len(named) == 2:
-                raise OnnxfoldError(f"--output-tol '{item}' may be for output '{named[0][0]}' or "
-                                    f"'{named[1][0]}'; add :ATOL to make it NAME:RTOL:ATOL")
-            readings = named or readings  # no output named: verify reports the NAME:RTOL:ATOL reading
-        name, rtol, atol = readings[0]
-        tolerances[name] = (rtol, atol)
-    return tolerances or None
-
-
-def _tolerance_readings(item) -> list:
-    """The (name, rtol, atol) that NAME:RTOL[:ATOL] can mean, read from the right since a
-    name may hold ':'; the NAME:RTOL:ATOL reading first."""
-    parts = item.split(":")
-    readings = []
-    for count in (2, 1):
-        name, numbers = ":".join(parts[:-count]), parts[-count:]
-        try:
-            values = [float(number) for number in numbers]
-        except ValueError:
-            continue
-        if name and len(parts) > count:
-            readings.append((name, values[0], values[1] if count == 2 else None))
-    return readings
-
-
-def _input_files(items):
-    if not items:
-        return None
-    if len(items) == 1 and "=" not in items[0]:
-        return items[0]
-    files = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise OnnxfoldError(f"--inputs takes one FILE.npz or NAME=FILE.npy per input, not '{item}'")
-        files[name] = path
-    return files

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OnnxfoldError
-from .modelio import _first_line, check_destination, checker_complaint, open_model, require_folder, save_model
+from .modelio import check_destination, checker_complaint, open_model, require_folder, save_model
 from .optimize import optimize, select_rules
 from .references import loaded
 from .ruleset import load_rules
+from .text import first_line
 
 OK, FAILED, BAD_INPUT, INTERNAL = "ok", "parity failed", "error", "internal error"
 
@@ -27,7 +28,7 @@ class JobOptions:
     external_data: bool | None = None  # None: as the input had it, or when too big
     size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
     freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
-    parity: dict = field(default_factory=dict)  # with verify: settings for verify_models
+    parity: object = None  # with verify: its VerifySettings (None: the defaults)
 
 
 @dataclass
@@ -163,5 +164,5 @@ def _outcome(future, source, target) -> JobResult:
         return future.result()
     except Exception as error:  # noqa: BLE001 - reported, with the exit code of a bug
         return JobResult(str(source), str(target), INTERNAL,
-                         f"{source}: {type(error).__name__}: {_first_line(error)} "
+                         f"{source}: {type(error).__name__}: {first_line(error)} "
                          "(run it alone with ONNXFOLD_DEBUG=1 for the traceback)")

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
+from .text import first_line as _first_line
 from .validate import validate_model
 from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
                          load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
@@ -278,11 +279,6 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
 
 def _all_tensors(model: onnx.ModelProto):
     return onnx.external_data_helper._get_all_tensors(model)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def write_text(path, text: str) -> None:

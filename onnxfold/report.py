@@ -10,6 +10,7 @@ import onnx
 
 from .engine import Miss
 from .modelio import encoded_size
+from .text import table
 
 # Ops whose presence after optimizing the user will ask about.
 _WATCHED = {"Add", "Sub", "Mul", "BatchNormalization", "AveragePool"}
@@ -96,9 +97,8 @@ class Report:
 
 def _op_table(before: dict, after: dict) -> str:
     ops = sorted(set(before) | set(after), key=lambda op: (-before.get(op, 0), op))
-    width = max([len(op) for op in ops] + [8])
-    rows = [f"{'op':<{width}}  {'before':>7}  {'after':>7}"]
+    rows = []
     for op in ops:
         b, a = before.get(op, 0), after.get(op, 0)
-        rows.append(f"{op:<{width}}  {b:>7}  {a:>7}" + ("" if a == b else f"  ({a - b:+d})"))
-    return "\n".join(rows)
+        rows.append([op, b, a, "" if a == b else f"({a - b:+d})"])
+    return "\n".join(table(["op", "before", "after", ""], rows, align="<>>"))

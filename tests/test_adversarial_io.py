@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxfold.cli import _output_tolerances
 from onnxfold.errors import OnnxfoldError
+from onnxfold.parity_options import _output_tolerances
 
 from .helpers import model_from_text
 

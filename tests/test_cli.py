@@ -258,3 +258,34 @@ def test_verify_passes_fails_and_rejects_mismatched_signatures(model_file, tmp_p
     onnx.save(renamed, str(other))
     mismatched = onnxfold("verify", model_file, other, "--no-latency")
     assert mismatched.returncode == 2 and "'y'" in mismatched.stderr
+
+
+# ---------------------------------------------------------------- in-process: what the CLI prints
+
+from onnxfold import cli  # noqa: E402
+from onnxfold.jobs import BAD_INPUT, OK, JobResult  # noqa: E402
+
+
+def test_latency_progress_is_shown_once_timing_runs_long(monkeypatch, capsys):
+    """verify calls back with its progress; the CLI's callback writes it on stderr, in
+    place, only once the runs take longer than PROGRESS_AFTER_S."""
+    def runs(progress, total=3):
+        for done in range(total + 1):
+            progress("cpu", done, total)
+
+    monkeypatch.setattr(cli, "PROGRESS_AFTER_S", 3600.0)
+    runs(cli._LatencyProgress())
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "PROGRESS_AFTER_S", 0.0)
+    runs(cli._LatencyProgress())
+    err = capsys.readouterr().err
+    assert err.startswith("\rlatency on cpu: 1/3 runs") and err.endswith("\rlatency on cpu: 3/3 runs\n")
+
+
+def test_batch_table_columns_line_up_with_short_names():
+    """The model column was as wide as the longest file name, not counting its header:
+    with names shorter than 'model' every header after it stood out of line."""
+    results = [JobResult("a", "out/a", BAD_INPUT, "bad"), JobResult("b", "out/b", OK)]
+    header, first, second, summary = cli._batch_table(results).splitlines()
+    assert header.index("status") == first.index(BAD_INPUT) == second.index(OK)
+    assert summary == "1 of 2 optimized, 1 failed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,9 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxfold import verify
 from onnxfold.errors import OnnxfoldError
-from onnxfold.verify import verify_models
+from onnxfold.verify import VerifySettings, feeds, parity, verify_models
 
 EPS = 1e-5
 
@@ -82,6 +82,11 @@ def add_const(values, dtype=TensorProto.FLOAT, shape=(2, 3)):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def parity_only(**settings):
+    """Settings that skip the latency runs, which these tests do not look at."""
+    return VerifySettings(latency=False, **settings)
+
+
 def cpu_output(report, name="y"):
     provider = next(p for p in report.providers if p.name == "cpu")
     return next(o for o in provider.outputs if o.name == name)
@@ -91,7 +96,7 @@ def cpu_output(report, name="y"):
 
 
 def test_correct_fold_passes():
-    report = verify_models(conv_bn(), conv_folded(), samples=3, latency=False)
+    report = verify_models(conv_bn(), conv_folded(), parity_only(samples=3))
     result = cpu_output(report)
     assert report.passed and result.passed
     assert result.mismatched == 0
@@ -103,7 +108,7 @@ def test_correct_fold_passes():
 
 
 def test_corrupted_weight_fails_and_shows_the_output():
-    report = verify_models(conv_bn(), conv_folded(corrupt=True), latency=False)
+    report = verify_models(conv_bn(), conv_folded(corrupt=True), parity_only())
     result = cpu_output(report)
     assert not report.passed and not result.passed
     assert result.mismatched > 0
@@ -122,20 +127,20 @@ def test_paths_work_and_report_them(tmp_path):
     original, optimized = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(conv_bn(), str(original))
     onnx.save(conv_folded(), str(optimized))
-    report = verify_models(original, optimized, latency=False)
+    report = verify_models(original, optimized, parity_only())
     assert report.passed
     assert report.to_dict()["original"] == str(original)
 
 
 def test_missing_file_is_a_clean_error(tmp_path):
     with pytest.raises(OnnxfoldError, match="no such file"):
-        verify_models(tmp_path / "nope.onnx", conv_folded(), latency=False)
+        verify_models(tmp_path / "nope.onnx", conv_folded(), parity_only())
 
 
 def test_nan_in_candidate_fails():
     nan = np.zeros((2, 3), np.float32)
     nan[1, 2] = np.nan
-    report = verify_models(add_const(np.zeros((2, 3), np.float32)), add_const(nan), latency=False)
+    report = verify_models(add_const(np.zeros((2, 3), np.float32)), add_const(nan), parity_only())
     result = cpu_output(report)
     assert not report.passed
     assert result.nonfinite_mismatches == 1 and result.mismatched == 1
@@ -147,7 +152,7 @@ def test_nan_in_candidate_fails():
 def test_nan_in_both_at_the_same_place_is_agreement():
     nan = np.zeros((2, 3), np.float32)
     nan[0, 0] = np.nan
-    report = verify_models(add_const(nan), add_const(nan.copy()), latency=False)
+    report = verify_models(add_const(nan), add_const(nan.copy()), parity_only())
     assert report.passed
     assert cpu_output(report).nonfinite_mismatches == 0
 
@@ -157,10 +162,10 @@ def test_float16_default_tolerance_is_looser():
     base = np.ones((2, 3))
     half = verify_models(add_const(base.astype(np.float16), TensorProto.FLOAT16),
                          add_const((base + shift).astype(np.float16), TensorProto.FLOAT16),
-                         input_range=(0.0, 0.5), latency=False)
+                         parity_only(input_range=(0.0, 0.5)))
     single = verify_models(add_const(base.astype(np.float32)),
                            add_const((base + shift).astype(np.float32)),
-                           input_range=(0.0, 0.5), latency=False)
+                           parity_only(input_range=(0.0, 0.5)))
     assert cpu_output(half).rtol == pytest.approx(1e-2)
     assert cpu_output(single).rtol == pytest.approx(1e-4)
     assert half.passed
@@ -179,7 +184,7 @@ def test_integer_outputs_compare_exactly():
             y = Add(x, one)
         }
     """)
-    report = verify_models(model, plus_one, latency=False)
+    report = verify_models(model, plus_one, parity_only())
     result = cpu_output(report)
     assert (result.rtol, result.atol) == (0.0, 0.0)
     assert result.mismatched == 4 and not report.passed
@@ -188,17 +193,17 @@ def test_integer_outputs_compare_exactly():
 def test_user_tolerances_override_defaults():
     shift = np.full((2, 3), 1e-3, np.float32)
     original, optimized = add_const(np.zeros((2, 3), np.float32)), add_const(shift)
-    assert not verify_models(original, optimized, latency=False).passed
-    assert verify_models(original, optimized, atol=2e-3, latency=False).passed
-    report = verify_models(original, optimized, atol=0.0, latency=False,
-                           output_tolerances={"y": (None, 2e-3)})
+    assert not verify_models(original, optimized, parity_only()).passed
+    assert verify_models(original, optimized, parity_only(atol=2e-3)).passed
+    report = verify_models(original, optimized,
+                           parity_only(atol=0.0, output_tolerances={"y": (None, 2e-3)}))
     assert report.passed and cpu_output(report).atol == 2e-3
     with pytest.raises(OnnxfoldError, match="unknown output 'z'"):
-        verify_models(original, optimized, output_tolerances={"z": (1e-3, 1e-3)}, latency=False)
+        verify_models(original, optimized, parity_only(output_tolerances={"z": (1e-3, 1e-3)}))
 
 
 def test_min_passing_rtol_is_the_threshold():
-    acc = verify._Accumulator()
+    acc = parity.Accumulator()
     reference = np.array([1.0, 2.0, -4.0], np.float32)
     candidate = np.array([1.1, 2.0, -4.2], np.float32)
     acc.add(reference, candidate, rtol=0.0, atol=0.0)
@@ -216,7 +221,7 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 @given(hnp.arrays(np.float32, 8, elements=finite), hnp.arrays(np.float32, 8, elements=finite),
        st.floats(0, 1.0))
 def test_min_passing_rtol_matches_allclose(reference, candidate, atol):
-    acc = verify._Accumulator()
+    acc = parity.Accumulator()
     acc.add(reference, candidate, rtol=0.0, atol=atol)
     needed = acc.result("y", np.dtype(np.float32), 0.0, atol, 1.0, reference).min_passing_rtol
     r, c = reference.astype(np.float64), candidate.astype(np.float64)
@@ -234,7 +239,7 @@ def test_runtime_shape_difference_fails_that_output():
         g (float[N] x) => (float[M] y, float[N] z) {{ y = {y}  z = Relu(x) }}
     """
     report = verify_models(text_model(text.format(y="Identity(x)")),
-                           text_model(text.format(y="Concat<axis = 0>(x, x)")), latency=False)
+                           text_model(text.format(y="Concat<axis = 0>(x, x)")), parity_only())
     y, z = cpu_output(report, "y"), cpu_output(report, "z")
     assert not report.passed and not y.passed and z.passed
     assert y.error == "shape [2] in optimized, [1] in original"
@@ -252,7 +257,7 @@ def test_output_dtype_difference_is_named():
     single = text_model(text.format(out="float", to=1))
     half = text_model(text.format(out="float16", to=10))
     with pytest.raises(OnnxfoldError) as error:
-        verify_models(single, half, latency=False)
+        verify_models(single, half, parity_only())
     assert ("output 'y': float32 [1,6,8,8] in original, float16 [1,6,8,8] in optimized"
             in str(error.value))
 
@@ -263,24 +268,24 @@ def test_name_and_shape_differences_are_named():
         g (float[1,6,8,8] x) => (float[1,6,8,8] out) { out = Identity(x) }
     """)
     with pytest.raises(OnnxfoldError, match="output 'y' is in original but not in optimized"):
-        verify_models(conv_folded(), renamed, latency=False)
+        verify_models(conv_folded(), renamed, parity_only())
     changed = _conv_model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])],
                           {"W": _weights()["W"]}, batch=2)
     with pytest.raises(OnnxfoldError, match=r"input 'x': float32 \[1,3,8,8\] in original, "
                                             r"float32 \[2,3,8,8\] in optimized"):
-        verify_models(conv_folded(), changed, latency=False)
+        verify_models(conv_folded(), changed, parity_only())
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
 def test_dynamic_batch_defaults_to_one_with_a_note():
-    report = verify_models(conv_bn(batch="N"), conv_folded(batch="N"), latency=False)
+    report = verify_models(conv_bn(batch="N"), conv_folded(batch="N"), parity_only())
     assert report.passed
     assert report.inputs[0].shape == [1, 3, 8, 8]
     assert any("batch" in note and "'x'" in note for note in report.notes)
-    chosen = verify_models(conv_bn(batch="N"), conv_folded(batch="N"), shapes={"x": (4, 3, 8, 8)},
-                           latency=False)
+    chosen = verify_models(conv_bn(batch="N"), conv_folded(batch="N"),
+                           parity_only(shapes={"x": (4, 3, 8, 8)}))
     assert chosen.inputs[0].shape == [4, 3, 8, 8]
     assert cpu_output(chosen).shape == [4, 6, 8, 8]
     assert not chosen.notes
@@ -292,13 +297,12 @@ def test_other_dynamic_dim_without_shape_is_an_error():
         g (float[N,3,H,8] x) => (float[N,3,H,8] y) { y = Relu(x) }
     """
     with pytest.raises(OnnxfoldError, match=r"input 'x' .*dim 2 \('H'\)"):
-        verify_models(text_model(text), text_model(text), latency=False)
-    report = verify_models(text_model(text), text_model(text), shapes={"x": (2, 3, 5, 8)},
-                           latency=False)
+        verify_models(text_model(text), text_model(text), parity_only())
+    report = verify_models(text_model(text), text_model(text),
+                           parity_only(shapes={"x": (2, 3, 5, 8)}))
     assert report.passed and report.inputs[0].shape == [2, 3, 5, 8]
     with pytest.raises(OnnxfoldError, match="the model fixes it at 3"):
-        verify_models(text_model(text), text_model(text), shapes={"x": (2, 4, 5, 8)},
-                      latency=False)
+        verify_models(text_model(text), text_model(text), parity_only(shapes={"x": (2, 4, 5, 8)}))
 
 
 RELU = """
@@ -314,11 +318,10 @@ ABS = """
 def test_user_npz_is_used_instead_of_random(tmp_path):
     # Relu and Abs agree only on non-negative inputs: random data in [-1, 1) tells them apart,
     # the user's all-positive data does not, so a pass proves the file was used.
-    assert not verify_models(text_model(RELU), text_model(ABS), latency=False).passed
+    assert not verify_models(text_model(RELU), text_model(ABS), parity_only()).passed
     path = tmp_path / "data.npz"
     np.savez(path, x=np.full((2, 3), 0.5, np.float64))  # float64: cast with a note
-    report = verify_models(text_model(RELU), text_model(ABS), inputs=path, samples=4,
-                           latency=False)
+    report = verify_models(text_model(RELU), text_model(ABS), parity_only(inputs=path, samples=4))
     assert report.passed
     assert report.to_dict()["inputs"][0]["source"] == "file"
     assert report.settings["samples"] == 1
@@ -328,19 +331,19 @@ def test_user_npz_is_used_instead_of_random(tmp_path):
 def test_user_npy_dict_and_bad_files(tmp_path):
     npy = tmp_path / "x.npy"
     np.save(npy, np.full((2, 3), 0.25, np.float32))
-    assert verify_models(text_model(RELU), text_model(ABS), inputs={"x": npy}, latency=False).passed
+    assert verify_models(text_model(RELU), text_model(ABS), parity_only(inputs={"x": npy})).passed
     wrong_key = tmp_path / "wrong.npz"
     np.savez(wrong_key, z=np.zeros((2, 3), np.float32))
     with pytest.raises(OnnxfoldError, match="no data for input.*x"):
-        verify_models(text_model(RELU), text_model(ABS), inputs=wrong_key, latency=False)
+        verify_models(text_model(RELU), text_model(ABS), parity_only(inputs=wrong_key))
     wrong_shape = tmp_path / "shape.npz"
     np.savez(wrong_shape, x=np.zeros((2, 4), np.float32))
     with pytest.raises(OnnxfoldError, match="input 'x'"):
-        verify_models(text_model(RELU), text_model(ABS), inputs=wrong_shape, latency=False)
+        verify_models(text_model(RELU), text_model(ABS), parity_only(inputs=wrong_shape))
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not numpy")
     with pytest.raises(OnnxfoldError, match="garbage.npz"):
-        verify_models(text_model(RELU), text_model(ABS), inputs=garbage, latency=False)
+        verify_models(text_model(RELU), text_model(ABS), parity_only(inputs=garbage))
 
 
 def test_int_and_bool_inputs_get_their_dtypes():
@@ -351,35 +354,47 @@ def test_int_and_bool_inputs_get_their_dtypes():
             y = Where(b, f, x)
         }
     """
-    report = verify_models(text_model(text), text_model(text), latency=False)
+    report = verify_models(text_model(text), text_model(text), parity_only())
     assert report.passed  # onnxruntime rejects a feed of the wrong dtype
     dtypes = {i.name: i.dtype for i in report.inputs}
     assert dtypes == {"x": "float32", "i": "int64", "b": "bool"}
     rng = np.random.default_rng(0)
-    ints = verify.random_array(rng, (1000,), np.int32)
-    bools = verify.random_array(rng, (1000,), np.bool_)
-    floats = verify.random_array(rng, (1000,), np.float16, (2.0, 3.0))
-    assert ints.dtype == np.int32 and ints.min() >= 0 and ints.max() < verify.INT_RANGE[1]
+    ints = feeds.random_array(rng, (1000,), np.int32)
+    bools = feeds.random_array(rng, (1000,), np.bool_)
+    floats = feeds.random_array(rng, (1000,), np.float16, (2.0, 3.0))
+    assert ints.dtype == np.int32 and ints.min() >= 0 and ints.max() < feeds.INT_RANGE[1]
     assert bools.dtype == np.bool_ and 0 < bools.sum() < 1000
     assert floats.dtype == np.float16 and floats.min() >= 2.0 and floats.max() <= 3.0
 
 
 def test_bad_arguments_are_clean_errors():
+    # Settings are checked when made, before any model is read.
     for kwargs, match in (({"providers": ["tpu"]}, "unknown provider"),
+                          ({"providers": []}, "no provider given"),
                           ({"samples": 0}, "samples"),
+                          ({"threads": 0}, "threads"),
                           ({"input_range": (1, -1)}, "low < high"),
                           ({"rtol": -1.0}, "rtol"),
-                          ({"shapes": {"nope": (1,)}}, "unknown input 'nope'")):
+                          ({"output_tolerances": {"y": (1e-3,)}}, "must be \\(rtol, atol\\)")):
         with pytest.raises(OnnxfoldError, match=match):
-            verify_models(conv_bn(), conv_folded(), latency=False, **kwargs)
+            VerifySettings(**kwargs)
+    # What needs the models is checked against them.
+    with pytest.raises(OnnxfoldError, match="unknown input 'nope'"):
+        verify_models(conv_bn(), conv_folded(), parity_only(shapes={"nope": (1,)}))
+
+
+def test_settings_keep_short_provider_names_and_survive_a_copy():
+    chosen = VerifySettings(providers=["CUDAExecutionProvider", "cpu", "cuda"], input_range=[0, 2])
+    assert chosen.providers == ("cuda", "cpu") and chosen.input_range == (0.0, 2.0)
+    assert dataclasses.replace(chosen, latency=False).providers == ("cuda", "cpu")
 
 
 # ----------------------------------------------------------------------------- latency
 
 
 def test_latency_numbers_present_and_positive():
-    report = verify_models(conv_bn(), conv_folded(), providers=["cpu"], warmup=1, iterations=3,
-                           threads=1)
+    report = verify_models(conv_bn(), conv_folded(),
+                           VerifySettings(providers=["cpu"], warmup=1, iterations=3, threads=1))
     as_dict = report.to_dict()
     json.dumps(as_dict, allow_nan=False)  # strictly JSON-able
     latency = as_dict["providers"][0]["latency"]
@@ -392,14 +407,19 @@ def test_latency_numbers_present_and_positive():
 
 
 def test_latency_false_skips_timing():
-    report = verify_models(conv_bn(), conv_folded(), latency=False)
+    report = verify_models(conv_bn(), conv_folded(), parity_only())
     assert report.to_dict()["providers"][0]["latency"] is None
 
 
-def test_progress_line_on_long_runs(monkeypatch, capsys):
-    monkeypatch.setattr(verify, "PROGRESS_AFTER_S", 0.0)
-    verify_models(conv_bn(), conv_folded(), warmup=0, iterations=3, progress=True)
-    assert "latency on cpu: 3/3 runs" in capsys.readouterr().err
+def test_progress_goes_to_the_callback_and_nothing_is_printed(capfd):
+    """The library printed its progress to stderr itself; now it calls back, and prints
+    nothing (the CLI shows the progress: test_cli)."""
+    calls = []
+    verify_models(conv_bn(), conv_folded(), VerifySettings(providers=["cpu"], warmup=1, iterations=2),
+                  progress=lambda *call: calls.append(call))
+    assert calls == [("cpu", 0, 3), ("cpu", 1, 3), ("cpu", 2, 3), ("cpu", 3, 3)]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -423,8 +443,8 @@ def _assert_cuda_unavailable(report, reason_part):
 
 def test_cuda_missing_from_onnxruntime_is_reported(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    report = verify_models(conv_bn(), conv_folded(), providers=["cpu", "cuda"], warmup=0,
-                           iterations=3)
+    report = verify_models(conv_bn(), conv_folded(),
+                           VerifySettings(providers=["cpu", "cuda"], warmup=0, iterations=3))
     _assert_cuda_unavailable(report, "onnxruntime-gpu")
 
 
@@ -440,20 +460,20 @@ def test_cuda_session_falling_back_to_cpu_is_reported(monkeypatch):
                             providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", cpu_only_session)
-    report = verify_models(conv_bn(), conv_folded(), providers=["cpu", "cuda"], warmup=0,
-                           iterations=3)
+    report = verify_models(conv_bn(), conv_folded(),
+                           VerifySettings(providers=["cpu", "cuda"], warmup=0, iterations=3))
     _assert_cuda_unavailable(report, "instead of CUDAExecutionProvider")
 
 
 def test_default_providers_follow_onnxruntime(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    report = verify_models(conv_bn(), conv_folded(), latency=False)
+    report = verify_models(conv_bn(), conv_folded(), parity_only())
     assert [p.name for p in report.providers] == ["cpu"]
 
 
 def test_only_unavailable_providers_fail(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    report = verify_models(conv_bn(), conv_folded(), providers=["cuda"], latency=False)
+    report = verify_models(conv_bn(), conv_folded(), parity_only(providers=["cuda"]))
     assert not report.passed
     assert any("nothing was verified" in w for w in report.warnings)
 
@@ -467,6 +487,6 @@ def test_a_negative_input_dim_is_dynamic(tmp_path):
     """)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
-    report = verify_models(model, model, latency=False)
+    report = verify_models(model, model, parity_only())
     assert report.passed and report.inputs[0].shape == [1, 4]
     assert any("batch" in note for note in report.notes)

@@ -1,0 +1,189 @@
+"""The inputs both models run on: random data of each input's dtype and shape, or the
+user's own arrays from .npy/.npz files."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OnnxfoldError
+from ..text import first_line
+from .models import dims_text, dtype_name, np_dtype
+from .report import InputInfo
+from .settings import DEFAULT_INPUT_RANGE
+
+# Random integer inputs are drawn from [0, 8): small and non-negative, because integer
+# inputs are mostly indices (token ids, gather indices) that must stay in range.
+INT_RANGE = (0, 8)
+
+
+def input_specs(orig_inputs, opt_inputs, shapes) -> dict:
+    """{name: (dtype, elem_type, dims, given shape)} with static dims from either model;
+    the given shapes are checked when the feeds are made."""
+    unknown = [n for n in shapes if n not in orig_inputs]
+    if unknown:
+        raise OnnxfoldError(f"shape given for unknown input '{unknown[0]}'; inputs: "
+                            + ", ".join(orig_inputs))
+    specs = {}
+    for name, (elem_type, dims) in orig_inputs.items():
+        dims = _merge_dims(dims, opt_inputs[name][1])
+        specs[name] = (np_dtype(elem_type), elem_type, dims, shapes.get(name))
+    return specs
+
+
+def make_feeds(specs, settings, notes) -> tuple:
+    """(feeds: one {name: array} per sample, [InputInfo]): the user's data when given,
+    else `settings.samples` random sets."""
+    if settings.inputs is None:
+        return _random_feeds(specs, settings.samples, settings.seed, settings.input_range, notes)
+    feeds, infos = _user_feeds(settings.inputs, specs, notes)
+    if settings.samples != 1:
+        notes.append(f"inputs come from files, so 1 sample is used (not {settings.samples})")
+    return feeds, infos
+
+
+def _merge_dims(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return [x if isinstance(x, int) else (y if isinstance(y, int) else x) for x, y in zip(a, b)]
+
+
+def _shape_for(name, dims, given, notes):
+    """The concrete shape to feed `name`: the user's, else static dims with batch 1."""
+    if given is not None:
+        return _check_given_shape(name, dims, tuple(given), "--shape")
+    if dims is None:
+        raise OnnxfoldError(f"input '{name}' has no shape in the model; give its shape (--shape)")
+    shape = []
+    for index, dim in enumerate(dims):
+        if isinstance(dim, int):
+            shape.append(dim)
+            continue
+        label = f"'{dim}'" if dim else "unnamed"
+        if index != 0:
+            raise OnnxfoldError(f"input '{name}' {dims_text(dims)}: dim {index} ({label}) is "
+                                "dynamic and no shape was given for it (--shape)")
+        notes.append(f"input '{name}': dynamic batch dim 0 ({label}) set to 1; "
+                     "give a shape (--shape) to use another size")
+        shape.append(1)
+    return tuple(shape)
+
+
+def _check_given_shape(name, dims, shape, source):
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise OnnxfoldError(f"{source} for input '{name}' must be non-negative integers, "
+                            f"got {shape}")
+    if dims is None:
+        return tuple(int(d) for d in shape)
+    if len(shape) != len(dims):
+        raise OnnxfoldError(f"{source} for input '{name}' has {len(shape)} dims "
+                            f"{list(shape)}, the model's has {len(dims)} {dims_text(dims)}")
+    for index, (dim, size) in enumerate(zip(dims, shape)):
+        if isinstance(dim, int) and dim != size:
+            raise OnnxfoldError(f"{source} for input '{name}' gives dim {index} as {size}, "
+                                f"the model fixes it at {dim} {dims_text(dims)}")
+    return tuple(int(d) for d in shape)
+
+
+def _random_feeds(specs, samples, seed, value_range, notes):
+    shapes = {name: _shape_for(name, dims, given, notes)
+              for name, (_, _, dims, given) in specs.items()}
+    for name, (dtype, elem_type, _, _) in specs.items():
+        if dtype is None:
+            raise OnnxfoldError(f"input '{name}' has dtype {dtype_name(elem_type)}, for which "
+                                "verify cannot make random data; give the data (--inputs)")
+    rng = np.random.default_rng(seed)
+    feeds = [{name: random_array(rng, shapes[name], spec[0], value_range)
+              for name, spec in specs.items()} for _ in range(samples)]
+    infos = [InputInfo(name, spec[0].name, list(shapes[name]), "random",
+                       _random_range(spec[0], value_range)) for name, spec in specs.items()]
+    return feeds, infos
+
+
+def random_array(rng, shape, dtype, value_range=DEFAULT_INPUT_RANGE):
+    """Random data of `dtype`: floats uniform in value_range, ints in INT_RANGE, bools 50/50."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.uniform(value_range[0], value_range[1], size=shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(INT_RANGE[0], INT_RANGE[1], size=shape, dtype=dtype)
+    if dtype.kind == "b":
+        return rng.random(size=shape) < 0.5
+    raise OnnxfoldError(f"cannot make random data of dtype {dtype}")
+
+
+def _random_range(dtype, value_range):
+    if dtype.kind == "f":
+        return list(value_range)
+    if dtype.kind in "iu":
+        return list(INT_RANGE)
+    return None
+
+
+def _user_feeds(inputs, specs, notes):
+    arrays = _load_arrays(inputs, specs)
+    missing = [n for n in specs if n not in arrays]
+    extra = [n for n in arrays if n not in specs]
+    if missing or extra:
+        parts = ([f"no data for input(s) {', '.join(missing)}"] if missing else []) + \
+                ([f"data for unknown input(s) {', '.join(extra)}"] if extra else [])
+        raise OnnxfoldError("; ".join(parts) + f" (model inputs: {', '.join(specs)})")
+    feed, infos = {}, []
+    for name, (dtype, elem_type, dims, given) in specs.items():
+        array = _as_input(name, arrays[name], dtype, elem_type, notes)
+        shape = _check_given_shape(name, dims, array.shape, "the data")
+        if given is not None and tuple(given) != shape:
+            raise OnnxfoldError(f"input '{name}': --shape {list(given)} disagrees with the data's "
+                                f"shape {list(shape)}")
+        feed[name] = array
+        infos.append(InputInfo(name, array.dtype.name, list(shape), "file", None))
+    return [feed], infos
+
+
+def _load_arrays(inputs, specs):
+    """{name: array} from a .npz path (or a .npy path for a one-input model) or a dict of
+    .npy paths / arrays."""
+    if isinstance(inputs, dict):
+        return {name: value if isinstance(value, np.ndarray) else _load_npy(value)
+                for name, value in inputs.items()}
+    data = _np_load(inputs)
+    if isinstance(data, np.ndarray):
+        if len(specs) != 1:
+            raise OnnxfoldError("a single array needs a one-input model; use an .npz keyed by "
+                                "input name", inputs)
+        return {next(iter(specs)): data}
+    with data:
+        return {name: data[name] for name in data.files}
+
+
+def _load_npy(path):
+    data = _np_load(path)
+    if not isinstance(data, np.ndarray):
+        raise OnnxfoldError("expected one array (.npy), found an archive (.npz)", path)
+    return data
+
+
+def _np_load(path):
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxfoldError("no such file", path)
+    try:
+        # allow_pickle=False: an input file must not be able to run code.
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise OnnxfoldError(f"not a readable .npy/.npz file ({first_line(error)})", path) from None
+
+
+def _as_input(name, array, dtype, elem_type, notes):
+    array = np.asarray(array)
+    if dtype is None or array.dtype == dtype:
+        return array
+    # Casting within a kind (float64 -> float32, int32 -> int64) or up from ints/bools is what
+    # the user meant; float -> int would silently truncate, so it is refused.
+    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise OnnxfoldError(f"input '{name}': the data is {array.dtype}, the model expects "
+                            f"{dtype_name(elem_type)}")
+    notes.append(f"input '{name}': data cast from {array.dtype} to {dtype}")
+    return array.astype(dtype)
