@@ -63,6 +63,11 @@ def _handle_errors(command):
             sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except BrokenPipeError:
+            # The reader of stdout went away (`| head`): end as a tool killed by SIGPIPE
+            # would, without a word; files were written before the report was printed.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as error:  # noqa: BLE001 - the last line of defence for users
             if os.environ.get("ONNXFOLD_DEBUG"):
                 traceback.print_exc()

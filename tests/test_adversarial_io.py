@@ -324,3 +324,13 @@ def test_an_output_folder_that_is_a_file_is_named_so(tmp_path, batch):
     result = onnxfold("optimize", *args)
     assert result.returncode == 2
     assert one_error_line(result) == f"onnxfold: error: {file}: the output folder is a file, not a folder"
+
+
+def test_a_closed_stdout_is_not_an_internal_error(tmp_path):
+    """`onnxfold optimize A B | head`: the report meets a pipe its reader closed, after B is written."""
+    source, target = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model_from_text(CONV_BN), source)
+    command = f"{sys.executable} -m onnxfold optimize {source} {target} | true; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert "internal error" not in result.stderr and result.returncode == 128 + signal.SIGPIPE, result.stderr
+    onnx.checker.check_model(onnx.load(target))
