@@ -16,8 +16,9 @@ from google.protobuf.message import DecodeError
 from . import wire
 from .errors import OnnxfoldError
 from .validate import validate_model
-from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
-                         load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
+from .references import (INLINE_LIMIT, all_tensors, copy_reference, dense_tensors, forget_basepaths,
+                         is_reference, load_external_data, point_to, refer_to_external_data, scan_model,
+                         shape_bytes)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -157,7 +158,7 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
 def move_weights_out(model: onnx.ModelProto, data, data_name: str, size_threshold: int) -> None:
     """Write the bytes of every tensor of `size_threshold` bytes or more to the open file
     `data`, one after another, and point the tensor at them (ONNX external data)."""
-    for tensor in _all_tensors(model):
+    for tensor in dense_tensors(model):
         size = payload_bytes(tensor)
         if size < size_threshold:
             continue
@@ -183,16 +184,16 @@ def write_in_pieces(model: onnx.ModelProto, handle) -> None:
     """
     head, graph = _without_weights(model)
     sizes = [_encoded_tensor_size(weight) for weight in model.graph.initializer]
-    weights_size = sum(wire.field_size(_INITIALIZER, size) for size in sizes)
+    weights_size = sum(wire.field_size(wire.GRAPH_INITIALIZER, size) for size in sizes)
     handle.write(head.SerializeToString())
-    handle.write(wire.field_header(_GRAPH, graph.ByteSize() + weights_size))
+    handle.write(wire.field_header(wire.MODEL_GRAPH, graph.ByteSize() + weights_size))
     handle.write(graph.SerializeToString())
     for weight, size in zip(model.graph.initializer, sizes):
-        handle.write(wire.field_header(_INITIALIZER, size))
+        handle.write(wire.field_header(wire.GRAPH_INITIALIZER, size))
         if is_reference(weight):
             shell = _shell(weight)
             handle.write(shell.SerializeToString())
-            handle.write(wire.field_header(_RAW_DATA, payload_bytes(weight)))
+            handle.write(wire.field_header(wire.TENSOR_RAW_DATA, payload_bytes(weight)))
             copy_reference(weight, handle)
         else:
             handle.write(weight.SerializeToString())
@@ -202,8 +203,8 @@ def encoded_size(model: onnx.ModelProto) -> int:
     """The size of the model's encoding as saved without external data (model.ByteSize()
     where it holds its weights), without encoding the weights."""
     head, graph = _without_weights(model)
-    weights_size = sum(wire.field_size(_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
-    return head.ByteSize() + wire.field_size(_GRAPH, graph.ByteSize() + weights_size)
+    weights_size = sum(wire.field_size(wire.GRAPH_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
+    return head.ByteSize() + wire.field_size(wire.MODEL_GRAPH, graph.ByteSize() + weights_size)
 
 
 def _without_weights(model):
@@ -216,7 +217,7 @@ def _without_weights(model):
 
 def _encoded_tensor_size(tensor: onnx.TensorProto) -> int:
     if is_reference(tensor) or (tensor.HasField("raw_data") and payload_bytes(tensor) >= 1 << 16):
-        return _shell(tensor).ByteSize() + wire.field_size(_RAW_DATA, payload_bytes(tensor))
+        return _shell(tensor).ByteSize() + wire.field_size(wire.TENSOR_RAW_DATA, payload_bytes(tensor))
     return tensor.ByteSize()  # encoding a small tensor is cheaper than copying its fields
 
 
@@ -226,11 +227,6 @@ def _shell(tensor: onnx.TensorProto) -> onnx.TensorProto:
     skipped = ("raw_data", "external_data", "data_location") if is_reference(tensor) else ("raw_data",)
     copy_fields(tensor, shell, but=skipped)
     return shell
-
-
-_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 def copy_without(model: onnx.ModelProto, graph_field: str) -> onnx.ModelProto:
@@ -262,7 +258,7 @@ def copy_fields(source, target, but: tuple) -> None:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weight data held in the model (initializers and Constant nodes)."""
-    return sum(payload_bytes(t) for t in _all_tensors(model))
+    return sum(payload_bytes(t) for t in dense_tensors(model))
 
 
 def payload_bytes(tensor: onnx.TensorProto) -> int:
@@ -274,10 +270,6 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data") and not is_reference(tensor):
         return tensor.ByteSize()
     return shape_bytes(tensor)
-
-
-def _all_tensors(model: onnx.ModelProto):
-    return onnx.external_data_helper._get_all_tensors(model)
 
 
 def _first_line(error: Exception) -> str:
