@@ -9,9 +9,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from tests.graph_builder import GraphBuilder  # noqa: E402
 
 OPSET = 17
 
@@ -20,26 +26,15 @@ B3_WIDTHS = (64, 192, 384, 768, 2560)
 B3_LAYERS = (1, 4, 6, 16, 1)
 
 
-class GraphBuilder:
-    """Collects nodes and initializers; hands out unique names."""
-
-    def __init__(self, seed=0):
-        self.nodes, self.weights = [], []
-        self.rng = np.random.default_rng(seed)
-        self.count = 0
-
-    def name(self, base):
-        self.count += 1
-        return f"{base}_{self.count}"
+class NetworkBuilder(GraphBuilder):
+    """The blocks of a RepVGG-style network, weights in float32."""
 
     def weight(self, base, array):
-        name = self.name(base)
-        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
-        return name
+        return self.initializer(self.fresh(base), np.ascontiguousarray(array, dtype=np.float32))
 
     def node(self, op, inputs, **attrs):
-        output = self.name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [output], name=self.name(op), **attrs))
+        output = self.fresh(op.lower())
+        self.add_node(op, inputs, [output], **attrs)
         return output
 
     def conv(self, x, cin, cout, k, stride=1):
@@ -70,13 +65,9 @@ class GraphBuilder:
         return self.node("Relu", [self.bn(self.conv(x, cin, cout, 3), cout)])
 
     def model(self, x_shape, y, y_shape):
-        graph = helper.make_graph(
-            self.nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-            [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)], self.weights)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="onnxfold-bench")
-        model.ir_version = 8
-        return model
+        return self.graph_model("bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                                [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)], OPSET,
+                                producer_name="onnxfold-bench")
 
 
 def b3_widths(width_scale=1.0):
@@ -85,7 +76,7 @@ def b3_widths(width_scale=1.0):
 
 def repvgg_train(width_scale=1.0, classes=1000, seed=0) -> onnx.ModelProto:
     """A RepVGG-B3-shaped train-time graph (widths scaled by width_scale)."""
-    b = GraphBuilder(seed)
+    b = NetworkBuilder(seed)
     x, cin = "x", 3
     for width, layers in zip(b3_widths(width_scale), B3_LAYERS):
         for index in range(layers):
@@ -122,7 +113,7 @@ CHANNEL_CYCLE = (2, 4, 3, 1)
 
 def deep_chain(nodes: int, seed=0) -> onnx.ModelProto:
     """About `nodes` nodes: units of a RepVGG block (8 nodes) then a Conv+BN+ReLU (3 nodes)."""
-    b = GraphBuilder(seed)
+    b = NetworkBuilder(seed)
     x, channels, unit = "x", CHANNEL_CYCLE[0], 0
     while len(b.nodes) + 11 <= max(nodes, 11):
         following = CHANNEL_CYCLE[(unit + 1) % len(CHANNEL_CYCLE)]

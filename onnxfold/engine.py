@@ -17,11 +17,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import CannotTell, OnnxfoldError
-from .graph import attributes, constant_values, infer_output_shapes, is_constant, producer, release_values
+from .graph import attributes, infer_output_shapes, is_constant, producer
 from .pattern import ALIASES, Match, matches_at
 from .predicates import PREDICATES
 from .ruleset import Attribute, Literal, Name, Rule
 from .transforms import STORED_TYPE_ARGS, TRANSFORMS
+from .weights import constant_values, release_values
 
 @dataclass
 class Rewrite:

@@ -8,14 +8,13 @@ untouched weight is one copy of the original tensor, a folded one is its bytes.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .graph import onnx_type
 from .modelio import copy_fields
+from .weights import write_weight
 
 
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -34,7 +33,7 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     tensors = graph.tensors()
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
-            _write_weight(tensor, target)
+            write_weight(tensor, target)
     # Keep the input's own annotations of values still computed, where inference agrees.
     target.value_info.extend(v for v in original.graph.value_info
                              if v.name in tensors and _agrees(v, tensors[v.name]))
@@ -74,28 +73,3 @@ def _agrees(info: onnx.ValueInfoProto, tensor) -> bool:
 def _weights_not_inputs(graph: onnx.GraphProto) -> bool:
     inputs = {info.name for info in graph.input}
     return any(weight.name not in inputs for weight in graph.initializer)
-
-
-def _write_weight(tensor: gs.Constant, graph: onnx.GraphProto) -> None:
-    values = tensor._values  # noqa: SLF001 - the one way to reach the original proto
-    if isinstance(values, SparseValues):
-        graph.sparse_initializer.add().CopyFrom(values.tensor)
-        return
-    proto = graph.initializer.add()
-    if isinstance(values, LazyValues):
-        proto.CopyFrom(values.tensor)
-        proto.name = tensor.name
-        return
-    if tensor.export_dtype != tensor.dtype:  # a type numpy lacks: leave it to graph-surgeon
-        proto.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
-        return
-    array = np.asarray(values)
-    if array.dtype == object:  # strings: ONNX keeps them in string_data, never as raw bytes
-        proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-        return
-    proto.name = tensor.name
-    proto.data_type = onnx_type(array.dtype)
-    proto.dims.extend(array.shape)
-    proto.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    # The graph reads the weight from the model from now on: one copy in memory, not two.
-    tensor.values = LazyValues(proto)

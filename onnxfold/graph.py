@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import CannotTell
-from .references import RAW_TYPES, is_reference, read_reference
+from .weights import constant_values, set_numpy_type
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
 _SPATIAL_DEFAULTS = {"auto_pad": "NOTSET", "group": 1}
@@ -42,46 +41,6 @@ def is_constant(tensor) -> bool:
     return isinstance(tensor, gs.Constant)
 
 
-def constant_values(tensor) -> np.ndarray:
-    """A constant's values, read-only, without keeping them in the graph.
-
-    graph-surgeon's `tensor.values` keeps every weight it reads as an array beside the
-    stored bytes, which doubles the memory of a large model; here a stored weight is read
-    afresh each time, straight from its bytes, or its file (references.py), where it can be.
-    """
-    stored = tensor._values  # noqa: SLF001 - graph-surgeon's lazily loaded weight
-    if isinstance(stored, SparseValues):  # densified without replacing the sparse form
-        return dense_values(stored.tensor)
-    if not isinstance(stored, LazyValues):
-        return np.asarray(tensor.values)
-    proto = stored.tensor
-    if is_reference(proto):
-        return read_reference(proto)
-    dtype = RAW_TYPES.get(proto.data_type)
-    if dtype is None or not proto.HasField("raw_data"):
-        return stored.load()
-    return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
-
-
-def dense_values(sparse: onnx.SparseTensorProto) -> np.ndarray:
-    """A sparse tensor as a dense read-only array of its values' type.
-
-    Not graph-surgeon's SparseValues.load: it reads only the typed fields (float_data, ...),
-    so values stored as raw_data, as numpy_helper.from_array writes them, come out as zeros.
-    The checker's sparse-tensor check (modelio) has vetted the indices' shape and range.
-    """
-    values = onnx.numpy_helper.to_array(sparse.values).reshape(-1)
-    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64, copy=False)
-    shape = tuple(sparse.dims)
-    if indices.ndim == 2:  # [NNZ, rank]: one coordinate per row
-        indices = np.ravel_multi_index(tuple(indices.T), shape)
-    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), values.dtype)
-    dense[indices] = values
-    dense = dense.reshape(shape)
-    dense.flags.writeable = False
-    return dense
-
-
 def use_numpy_types(graph) -> None:
     """Give every value of the graph and its subgraphs a numpy element type.
 
@@ -95,26 +54,9 @@ def use_numpy_types(graph) -> None:
                 continue
             numpy_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)
             if is_constant(tensor):
-                tensor._values.dtype = numpy_type  # noqa: SLF001 - Constant.dtype reads it
+                set_numpy_type(tensor, numpy_type)
             else:
                 tensor.dtype = numpy_type
-
-
-def is_reference_constant(tensor) -> bool:
-    """A constant whose values are still in the model's file (references.py)."""
-    stored = getattr(tensor, "_values", None)
-    return type(stored) is LazyValues and is_reference(stored.tensor)
-
-
-def release_values(constant) -> None:
-    """Free a constant's array, keeping its shape and type: for a weight no node uses.
-
-    graph-surgeon's tensors sit in reference cycles with their lists of producers and
-    consumers, so a dropped weight waits for Python's cycle collector, which counts
-    objects, not bytes: on a large model, hundreds of megabytes of dead weights.
-    """
-    stored = constant._values  # noqa: SLF001
-    constant._values = np.broadcast_to(np.zeros((), stored.dtype), stored.shape)  # noqa: SLF001 - no memory
 
 
 def constant_size(tensor) -> int:

@@ -15,10 +15,11 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .errors import OnnxfoldError
-from .text import first_line as _first_line
+from .text import first_line
 from .validate import validate_model
-from .references import (INLINE_LIMIT, all_tensors, copy_reference, forget_basepaths, is_reference,
-                         load_external_data, point_to, refer_to_external_data, scan_model, shape_bytes)
+from .references import (INLINE_LIMIT, all_tensors, copy_reference, dense_tensors, forget_basepaths,
+                         is_reference, load_external_data, point_to, refer_to_external_data, scan_model,
+                         shape_bytes)
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -35,7 +36,7 @@ def read_model(path):
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise OnnxfoldError(f"not a readable ONNX model ({_first_line(error)})", path) from None
+        raise OnnxfoldError(f"not a readable ONNX model ({first_line(error)})", path) from None
     forget_basepaths(model)
     return model, _with_external_data(model, path, load_external_data)
 
@@ -75,7 +76,7 @@ def _with_external_data(model, path, read_external) -> set:
         try:
             read_external(model, path.parent)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
-            raise OnnxfoldError(f"cannot read its external data ({_first_line(error)})", path) from None
+            raise OnnxfoldError(f"cannot read its external data ({first_line(error)})", path) from None
     try:
         validate_model(model)
     except OnnxfoldError as error:
@@ -92,7 +93,7 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
     try:
         onnx.checker.check_model(without_large_weights(model))
     except (onnx.checker.ValidationError, ValueError, OSError) as error:
-        return _first_line(error)
+        return first_line(error)
     return None
 
 
@@ -105,7 +106,7 @@ def validity_complaint(model: onnx.ModelProto) -> str | None:
     try:
         onnx.shape_inference.infer_shapes(without_large_weights(model), strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
-        return _first_line(error)
+        return first_line(error)
     return None
 
 
@@ -152,13 +153,13 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
                 os.replace(staged_data, path.with_name(data_name))
             os.replace(staged, path)
     except (OSError, ValueError) as error:
-        raise OnnxfoldError(f"could not write the model ({_first_line(error)})", path) from None
+        raise OnnxfoldError(f"could not write the model ({first_line(error)})", path) from None
 
 
 def move_weights_out(model: onnx.ModelProto, data, data_name: str, size_threshold: int) -> None:
     """Write the bytes of every tensor of `size_threshold` bytes or more to the open file
     `data`, one after another, and point the tensor at them (ONNX external data)."""
-    for tensor in _all_tensors(model):
+    for tensor in dense_tensors(model):
         size = payload_bytes(tensor)
         if size < size_threshold:
             continue
@@ -184,16 +185,16 @@ def write_in_pieces(model: onnx.ModelProto, handle) -> None:
     """
     head, graph = _without_weights(model)
     sizes = [_encoded_tensor_size(weight) for weight in model.graph.initializer]
-    weights_size = sum(wire.field_size(_INITIALIZER, size) for size in sizes)
+    weights_size = sum(wire.field_size(wire.GRAPH_INITIALIZER, size) for size in sizes)
     handle.write(head.SerializeToString())
-    handle.write(wire.field_header(_GRAPH, graph.ByteSize() + weights_size))
+    handle.write(wire.field_header(wire.MODEL_GRAPH, graph.ByteSize() + weights_size))
     handle.write(graph.SerializeToString())
     for weight, size in zip(model.graph.initializer, sizes):
-        handle.write(wire.field_header(_INITIALIZER, size))
+        handle.write(wire.field_header(wire.GRAPH_INITIALIZER, size))
         if is_reference(weight):
             shell = _shell(weight)
             handle.write(shell.SerializeToString())
-            handle.write(wire.field_header(_RAW_DATA, payload_bytes(weight)))
+            handle.write(wire.field_header(wire.TENSOR_RAW_DATA, payload_bytes(weight)))
             copy_reference(weight, handle)
         else:
             handle.write(weight.SerializeToString())
@@ -203,8 +204,8 @@ def encoded_size(model: onnx.ModelProto) -> int:
     """The size of the model's encoding as saved without external data (model.ByteSize()
     where it holds its weights), without encoding the weights."""
     head, graph = _without_weights(model)
-    weights_size = sum(wire.field_size(_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
-    return head.ByteSize() + wire.field_size(_GRAPH, graph.ByteSize() + weights_size)
+    weights_size = sum(wire.field_size(wire.GRAPH_INITIALIZER, _encoded_tensor_size(w)) for w in model.graph.initializer)
+    return head.ByteSize() + wire.field_size(wire.MODEL_GRAPH, graph.ByteSize() + weights_size)
 
 
 def _without_weights(model):
@@ -217,7 +218,7 @@ def _without_weights(model):
 
 def _encoded_tensor_size(tensor: onnx.TensorProto) -> int:
     if is_reference(tensor) or (tensor.HasField("raw_data") and payload_bytes(tensor) >= 1 << 16):
-        return _shell(tensor).ByteSize() + wire.field_size(_RAW_DATA, payload_bytes(tensor))
+        return _shell(tensor).ByteSize() + wire.field_size(wire.TENSOR_RAW_DATA, payload_bytes(tensor))
     return tensor.ByteSize()  # encoding a small tensor is cheaper than copying its fields
 
 
@@ -227,11 +228,6 @@ def _shell(tensor: onnx.TensorProto) -> onnx.TensorProto:
     skipped = ("raw_data", "external_data", "data_location") if is_reference(tensor) else ("raw_data",)
     copy_fields(tensor, shell, but=skipped)
     return shell
-
-
-_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 def copy_without(model: onnx.ModelProto, graph_field: str) -> onnx.ModelProto:
@@ -263,7 +259,7 @@ def copy_fields(source, target, but: tuple) -> None:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weight data held in the model (initializers and Constant nodes)."""
-    return sum(payload_bytes(t) for t in _all_tensors(model))
+    return sum(payload_bytes(t) for t in dense_tensors(model))
 
 
 def payload_bytes(tensor: onnx.TensorProto) -> int:
@@ -275,10 +271,6 @@ def payload_bytes(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data") and not is_reference(tensor):
         return tensor.ByteSize()
     return shape_bytes(tensor)
-
-
-def _all_tensors(model: onnx.ModelProto):
-    return onnx.external_data_helper._get_all_tensors(model)
 
 
 def write_text(path, text: str) -> None:
@@ -294,7 +286,7 @@ def write_text(path, text: str) -> None:
             (scratch / path.name).write_text(text, encoding="utf-8")
             os.replace(scratch / path.name, path)
     except OSError as error:
-        raise OnnxfoldError(f"could not write ({_first_line(error)})", path) from None
+        raise OnnxfoldError(f"could not write ({first_line(error)})", path) from None
 
 
 def _write_into(path: Path, text: str) -> None:
@@ -328,7 +320,7 @@ def check_destination(path, text=False) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise OnnxfoldError(f"cannot use it as an output ({_first_line(error)})", path) from None
+        raise OnnxfoldError(f"cannot use it as an output ({first_line(error)})", path) from None
     if stat.S_ISDIR(mode):
         raise OnnxfoldError("is a folder, not a file name", path)
     if not stat.S_ISREG(mode) and not (text and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))):

@@ -11,8 +11,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .engine import NameSource
-from .graph import (attributes, constant_values, is_constant, is_reference_constant, is_standard, is_static,
-                    onnx_type, producer)
+from .graph import attributes, is_constant, is_standard, is_static, onnx_type, producer
+from .weights import constant_values, read_in
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
@@ -104,7 +104,7 @@ def _fold_constant_subgraphs(graph) -> int:
     _static_shapes(graph)
     foldable = [node for node in graph.nodes if _foldable(node)]
     if foldable:
-        _read_in_weights(foldable)
+        read_in(tensor for node in foldable for tensor in node.inputs)  # for onnxruntime
         # fold_shapes=False: graph-surgeon's shape folding ignores Shape's start/end and
         # elides casts in integer arithmetic; static shapes are folded above instead.
         # flatten_subgraphs=False: graph-surgeon's inlining of an If loses a branch output
@@ -171,15 +171,6 @@ def _detach(graph) -> None:
         node.inputs.clear()
         node.outputs.clear()
     graph.nodes, graph.inputs, graph.outputs = [], [], []
-
-
-def _read_in_weights(nodes) -> None:
-    """Give the weights these nodes read their values: onnxruntime, which graph-surgeon
-    folds them with, cannot read onnxfold's references into the model file."""
-    for node in nodes:
-        for tensor in node.inputs:
-            if is_reference_constant(tensor):
-                tensor.values = constant_values(tensor)
 
 
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 
 import onnx
@@ -17,6 +16,7 @@ from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import without_shadowed_names
+from .weights import constants_of, hold_apart_from_input, release_all
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
@@ -55,6 +55,7 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     before = model_stats(model)
     model = without_shadowed_names(model)
     graph = gs.import_onnx(model)
+    imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
     _apply_inferred_shapes(graph, model)
     graph.toposort()
@@ -72,10 +73,11 @@ def _optimize(model, rules, freeze_weight_inputs, started):
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
     optimized = export_model(graph, model)
     _check_output(source, optimized)
-    # The graph's nodes and values refer to each other: only the cycle collector frees
-    # them, and with them the arrays of folded weights; on a large model, do it now.
-    del graph, graphs, engines, names
-    gc.collect()
+    # The graph's nodes and values refer to each other, so only Python's cycle collector
+    # frees them, and with them the input's and the output's tensors and folded arrays.
+    # Released now, those go at once; a full collection would cost time in proportion to
+    # every live object of the process, not just the graph's.
+    release_all([*imported, *constants_of(graph)])
     report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
                     normalized=normalized, rewrites=rewrites, misses=misses,
                     rules=[rule.name for rule in rules], frozen_inputs=frozen,

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import transforms
 from .errors import CannotTell
-from .graph import attributes, constant_values, is_constant, is_present, producer, rank_of
+from .graph import attributes, is_constant, is_present, producer, rank_of
+from .weights import constant_values
 
 PREDICATES: dict = {}
 

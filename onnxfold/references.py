@@ -35,9 +35,6 @@ RAW_TYPES = {getattr(onnx.TensorProto, name): np.dtype(kind).newbyteorder("<") f
 
 _BASEPATH = "basepath"
 _COPY_CHUNK = 1 << 24  # bytes per read when copying a weight from file to file
-_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 def is_reference(tensor: onnx.TensorProto) -> bool:
@@ -95,7 +92,7 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
     """
     head, graph_value = [], None
     for number, start, value_start, stop in wire.fields(buffer, 0, len(buffer)):
-        if number == _GRAPH and value_start is not None:
+        if number == wire.MODEL_GRAPH and value_start is not None:
             if graph_value is not None:
                 raise wire.Malformed("two graph fields")
             graph_value = (value_start, stop)
@@ -107,10 +104,10 @@ def scan_model(buffer, path: Path) -> onnx.ModelProto:
         return model
     pieces, references, count = [], [], 0
     for number, start, value_start, stop in wire.fields(buffer, *graph_value):
-        if number == _INITIALIZER and value_start is not None:
+        if number == wire.GRAPH_INITIALIZER and value_start is not None:
             shell, raw = _without_raw_data(buffer, value_start, stop)
             if shell is not None:
-                pieces.append(wire.field_header(_INITIALIZER, len(shell)) + shell)
+                pieces.append(wire.field_header(wire.GRAPH_INITIALIZER, len(shell)) + shell)
                 references.append((count, raw))
                 count += 1
                 continue
@@ -131,7 +128,7 @@ def _without_raw_data(buffer, start, stop):
         return None, None
     raw, shell = None, []
     for number, field_start, value_start, field_stop in wire.fields(buffer, start, stop):
-        if number == _RAW_DATA and value_start is not None and raw is None:
+        if number == wire.TENSOR_RAW_DATA and value_start is not None and raw is None:
             raw = (value_start, field_stop - value_start)
         else:
             shell.append(buffer[field_start:field_stop])
@@ -182,10 +179,16 @@ def load_external_data(model: onnx.ModelProto, folder: Path) -> None:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
 
 
+def dense_tensors(model: onnx.ModelProto):
+    """The tensors onnx's external-data helpers see: the initializers and attribute tensors
+    of every graph and function, not the values and indices of sparse tensors."""
+    return onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 - onnx's own walk
+
+
 def all_tensors(model: onnx.ModelProto):
-    """Every tensor of the model whose data may be in a file: onnx's list (initializers and
-    attribute tensors), plus the values and indices of sparse tensors, which it leaves out."""
-    yield from onnx.external_data_helper._get_all_tensors(model)
+    """Every tensor of the model whose data may be in a file: the dense tensors, plus the
+    values and indices of sparse tensors."""
+    yield from dense_tensors(model)
     for graph in graphs(model):
         sparse = list(graph.sparse_initializer)
         for node in graph.node:

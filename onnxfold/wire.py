@@ -8,7 +8,14 @@ written a field at a time, never holding its whole encoding in memory.
 
 from __future__ import annotations
 
+import onnx
+
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+
+# The fields onnxfold walks: a model's graph, a graph's initializers, a tensor's bytes.
+MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 class Malformed(ValueError):

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold import optimize
 
+from .graph_builder import GraphBuilder
 from .helpers import assert_same_function
 
 OPSET = 17
@@ -55,14 +56,12 @@ def same_pads(kernel, dilation):
     return total // 2, total - total // 2
 
 
-class GraphBuilder:
+class RandomGraph(GraphBuilder):
     """Grows one graph; every choice is drawn from hypothesis, every number from a seed."""
 
     def __init__(self, draw, seed):
+        super().__init__(seed)
         self.draw = draw
-        self.rng = np.random.default_rng(seed)
-        self.nodes = []
-        self.initializers = []
         self.inputs = []  # names of data graph inputs
         self.input_infos = {}
         self.shapes = {}  # value name -> shape
@@ -71,7 +70,6 @@ class GraphBuilder:
         self.optional_outputs = []  # values that may be made graph outputs
         self.output_types = {}  # element types of outputs that are not float
         self.pool = {}  # weight shape -> names, for sharing
-        self.count = 0
 
     # --- drawing ---------------------------------------------------------------------------
 
@@ -81,10 +79,6 @@ class GraphBuilder:
 
     def pick(self, options):
         return self.draw(st.sampled_from(list(options)))
-
-    def fresh(self, prefix):
-        self.count += 1
-        return f"{prefix}{self.count}"
 
     # --- values and weights -------------------------------------------------------------------
 
@@ -120,10 +114,9 @@ class GraphBuilder:
         if as_node is None:
             as_node = self.chance(0.05)
         if as_node:
-            self.nodes.append(helper.make_node("Constant", [], [name], name=self.fresh("Constant"),
-                                               value=numpy_helper.from_array(values, name)))
+            self.add_node("Constant", [], [name], value=numpy_helper.from_array(values, name))
         else:
-            self.initializers.append(numpy_helper.from_array(values, name))
+            self.initializer(name, values)
         self.shapes[name] = list(values.shape)
         return name
 
@@ -150,8 +143,7 @@ class GraphBuilder:
         for name in inputs:
             if name:
                 self.uses[name] += 1
-        self.nodes.append(helper.make_node(op, list(inputs), [out, *extra_outputs],
-                                           name=self.fresh(op), **attrs))
+        self.add_node(op, inputs, [out, *extra_outputs], **attrs)
         return out
 
     def values_of_rank(self, *ranks):
@@ -743,20 +735,16 @@ class GraphBuilder:
         outputs += [v for v in self.optional_outputs if self.chance(0.5)]
         outputs = sorted(set(outputs), key=lambda v: int(re.sub(r"\D", "", v)))
         used_inputs = [name for name in self.inputs if self.uses[name]]
-        graph = helper.make_graph(
-            self.nodes, "fuzz",
-            [self.input_infos[name] for name in used_inputs],
+        return self.graph_model(
+            "fuzz", [self.input_infos[name] for name in used_inputs],
             [helper.make_tensor_value_info(v, self.output_types.get(v, TensorProto.FLOAT), self.shapes[v])
-             for v in outputs],
-            initializer=self.initializers,
-        )
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+             for v in outputs], OPSET)
 
 
 @st.composite
 def models(draw):
     """A random valid float32 opset-17 graph built from the ops onnxfold's rules touch."""
-    builder = GraphBuilder(draw, draw(st.integers(0, 2**16)))
+    builder = RandomGraph(draw, draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["image", "image", "matrix", "both"]))
     if kind in ("image", "both"):
         channels = draw(st.sampled_from([4, 2, 3, 6, 1]))
