@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .engine import NameSource
 from .graph import attributes, is_constant, is_standard, is_static, onnx_type, producer
+from .names import NameSource, name_nodes
 from .weights import constant_values, read_in
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
@@ -23,11 +23,11 @@ _PASS_THROUGH = {"Identity", "Dropout"}
 def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
     """Run every clean-up once; return how many nodes each removed.
 
-    `names` gives fresh names unique across all scopes (for inlined If branches).
+    `names` gives fresh names unique across all scopes (for unnamed nodes, inlined If branches).
     """
     graph.cleanup()  # drop nodes an earlier rewrite disconnected
-    _name_nodes(graph)
     names = names or NameSource([graph, *graph.subgraphs(recursive=True)])
+    name_nodes(graph, names)
     counts = dict.fromkeys(_COUNTS, 0)
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
@@ -45,24 +45,6 @@ def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
             counts["identity-reshape"] += _bypass(graph, node)
     graph.cleanup()
     return counts
-
-
-def _name_nodes(graph) -> None:
-    """Give every node a unique name: reports and rewrites refer to nodes by name."""
-    used = {node.name for node in graph.nodes if node.name}
-    seen = set()
-    for index, node in enumerate(graph.nodes):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        base = f"{node.name or node.op}_{index}"
-        name, counter = base, 0
-        while name in used:
-            counter += 1
-            name = f"{base}_{counter}"
-        node.name = name
-        used.add(name)
-        seen.add(name)
 
 
 def _constant_nodes_to_weights(graph) -> int:

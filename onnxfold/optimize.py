@@ -7,7 +7,8 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
-from .engine import Engine, NameSource
+from .engine import Engine
+from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims

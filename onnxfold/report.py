@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from .engine import Miss
+from .plan import Miss
 from .modelio import encoded_size
 from .text import table
 

@@ -14,6 +14,9 @@ statements in Python's expression syntax, parsed with `ast` and never executed:
 Names are values: `conv` is the output of the pattern's Conv node, `x` a free value.
 `y.epsilon` is an attribute of the node that produces `y`, ONNX defaults filled in.
 In `result`, `like=conv` copies that node's attributes; other keywords set attributes.
+Rules rooted at one op are tried in order of `benefit`, higher first, then by name; it is
+the number of pattern lines unless the file sets `benefit = N` (MLIR's DRR does the same:
+the bigger pattern first, so a smaller one does not take part of its match).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Rule:
     examples: list = field(default_factory=list)
     counterexamples: list = field(default_factory=list)
     source: str = ""
+    benefit: int = 0  # the order among rules rooted at one op: higher first
 
     @property
     def root(self) -> Call:
@@ -138,7 +142,8 @@ class RuleError(ValueError):
     pass
 
 
-_KEYS = ("name", "summary", "description", "pattern", "when", "compute", "result", "examples", "counterexamples")
+_KEYS = ("name", "summary", "description", "benefit", "pattern", "when", "compute", "result", "examples",
+         "counterexamples")
 
 
 def _build_rule(data, path) -> Rule:
@@ -150,17 +155,19 @@ def _build_rule(data, path) -> Rule:
             raise RuleError(f"'{key}' is missing or not a string")
     if not isinstance(data.get("description", ""), str):
         raise RuleError("'description' is not a string")
+    pattern = _parse_lines(data["pattern"])
     return Rule(
         name=_rule_name(data, path),
         summary=data["summary"],
         description=data.get("description", "").strip(),
-        pattern=_parse_lines(data["pattern"]),
+        pattern=pattern,
         when=[_parse_call(text) for text in _strings(data, "when")],
         compute=[_parse_call(text) for text in _strings(data, "compute")],
         result=_parse_lines(data["result"]),
         examples=_cases(data, "examples", ()),
         counterexamples=_cases(data, "counterexamples", ("reason",)),
         source=str(path),
+        benefit=_benefit(data, pattern),
     )
 
 
@@ -170,6 +177,13 @@ def _rule_name(data, path) -> str:
     if not isinstance(name, str) or not name or any(c.isspace() or c == "," for c in name):
         raise RuleError(f"'name' must be a string without spaces or commas, not {name!r}")
     return name
+
+
+def _benefit(data, pattern) -> int:
+    benefit = data.get("benefit", len(pattern))
+    if isinstance(benefit, bool) or not isinstance(benefit, int) or benefit < 0:
+        raise RuleError(f"'benefit' must be a whole number, 0 or more, not {benefit!r}")
+    return benefit
 
 
 def _strings(data, key) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
+import onnxfold.engine
 from onnxfold import optimize
 from onnxfold.ruleset import load_rules
 
@@ -17,6 +18,20 @@ def _cases(kind):
     for rule in RULES:
         for index, case in enumerate(getattr(rule, kind)):
             yield pytest.param(rule, case, id=f"{rule.name}-{index}")
+
+
+@pytest.fixture(autouse=True)
+def no_duplicate_tensors_after_any_rewrite(monkeypatch):
+    """After every rewrite, no two distinct values of the graph share a name (graph-surgeon
+    raises if they do): a rule that made one would write a model whose wiring is ambiguous."""
+    apply_plan = onnxfold.engine.apply_plan
+
+    def checked(graph, plan, names):
+        change = apply_plan(graph, plan, names)
+        graph.tensors(check_duplicates=True)
+        return change
+
+    monkeypatch.setattr(onnxfold.engine, "apply_plan", checked)
 
 
 def test_every_rule_has_examples_and_counterexamples():
