@@ -97,6 +97,22 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def runtime_refusal(model: onnx.ModelProto) -> str | None:
+    """Why onnxruntime will not load the model, if it will not. Large weights are typed
+    graph inputs here (without_large_weights), so this builds the graph, not the weights."""
+    import onnxruntime as ort  # here: the optimizer needs it for this check alone
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(without_large_weights(model).SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for every refusal
+        return first_line(error)
+    return None
+
+
 def validity_complaint(model: onnx.ModelProto) -> str | None:
     """What the ONNX checker, or strict shape inference, says against the model, if anything:
     a model with a complaint may still run, but one that makes onnxfold fail is bad input."""

@@ -12,7 +12,8 @@ from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
-from .modelio import checker_complaint, copy_without, load_model, validity_complaint, without_large_weights
+from .modelio import (checker_complaint, copy_without, load_model, runtime_refusal, validity_complaint,
+                      without_large_weights)
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -101,10 +102,12 @@ def _format_warnings(source, optimized, frozen) -> list:
 
 
 def _check_output(source, optimized) -> None:
-    """A written model the ONNX checker rejects, from an input it accepts, is a bug."""
-    complaint = checker_complaint(optimized)
-    if complaint and not checker_complaint(source):
-        raise RuntimeError(f"the optimized model fails the ONNX checker ({complaint}); the input passes")
+    """A written model the ONNX checker or onnxruntime rejects, from an input they accept,
+    is a bug: exit 3, never a broken model with exit 0."""
+    for check, judge in ((checker_complaint, "the ONNX checker"), (runtime_refusal, "onnxruntime")):
+        complaint = check(optimized)
+        if complaint and not check(source):
+            raise RuntimeError(f"{judge} rejects the optimized model ({complaint}); it accepts the input")
 
 
 def _rewrite_to_fixpoint(graph, engine) -> dict:

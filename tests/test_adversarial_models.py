@@ -222,6 +222,23 @@ def test_a_broken_output_is_an_internal_error(monkeypatch):
         optimize(model)
 
 
+def test_an_output_onnxruntime_refuses_is_an_internal_error(monkeypatch):
+    """The plain checker does not check types: a wrongly declared output passes it, and
+    onnxruntime refuses the model. The pipeline loads what it wrote in onnxruntime too."""
+    pipeline = importlib.import_module("onnxfold.optimize")
+    real_export = pipeline.export_model
+
+    def retyped_export(graph, original):
+        model = real_export(graph, original)
+        model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+        return model
+
+    monkeypatch.setattr(pipeline, "export_model", retyped_export)
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", F, [1, 4])], [vi("y", F, [1, 4])])
+    with pytest.raises(RuntimeError, match="onnxruntime rejects the optimized model"):
+        optimize(model)
+
+
 def test_subgraph_sequence_output_behind_identity_keeps_its_type_when_inference_cannot_tell():
     """A Loop body's sequence output computed by a custom op (no inference) through Identity."""
     seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(F, None))
