@@ -89,7 +89,7 @@ class Report:
             lines.append(f"parity in onnxruntime: {verdict}{blame}")
         if explain:
             lines += ["", "not applied:" if self.misses else "not applied: nothing left to explain"]
-            lines += [f"  {m.node}: {m.rule}: {m.reason}" for m in self.misses]
+            lines += [_explain_line(m) for m in self.misses]
         elif self.misses:
             lines.append(f"{len(self.misses)} places a rule did not apply: see --explain")
         return "\n".join(lines)
@@ -102,3 +102,9 @@ def _op_table(before: dict, after: dict) -> str:
         b, a = before.get(op, 0), after.get(op, 0)
         rows.append([op, b, a, "" if a == b else f"({a - b:+d})"])
     return "\n".join(table(["op", "before", "after", ""], rows, align="<>>"))
+
+
+def _explain_line(miss) -> str:
+    """`node: rule: reason`, then the values the reason is about, to find them in Netron."""
+    about = f"  (values: {', '.join(miss.values)})" if miss.values else ""
+    return f"  {miss.node}: {miss.rule}: {miss.reason}{about}"

@@ -74,6 +74,8 @@ def test_the_report_json_keeps_a_miss_and_adds_its_values():
     entries = [m for m in report.to_dict()["not_applied"] if m["rule"] == "fold-bn-into-conv"]
     assert entries == [{"rule": "fold-bn-into-conv", "node": "BatchNormalization_1",
                         "reason": "'c' is a graph output and would disappear", "values": ("c",)}]
+    assert "BatchNormalization_1: fold-bn-into-conv: 'c' is a graph output and would disappear  (values: c)" \
+        in report.render(explain=True).splitlines()[-1]
 
 
 def _user_rule(folder: Path, name, benefit=None) -> Path:
