@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from .graph import infer_output_shapes
 from .names import NameSource
 from .plan import Plan
-from .ruleset import Literal
+from .rulesyntax import Literal
 
 
 @dataclass(frozen=True)

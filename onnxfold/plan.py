@@ -17,7 +17,8 @@ from .errors import CannotTell, OnnxfoldError
 from .graph import attributes, is_constant, producer
 from .pattern import Match
 from .predicates import PREDICATES
-from .ruleset import Attribute, Literal, Name, Rule
+from .rulesyntax import Attribute, Literal, Name
+from .ruleset import Rule
 from .transforms import STORED_TYPE_ARGS, TRANSFORMS
 from .weights import constant_values
 

@@ -1,4 +1,5 @@
-"""What: loading and validating the declarative rule files in `rules/`.
+"""What: loading and validating the declarative rule files in `rules/` (one line's syntax:
+rulesyntax.py).
 
 A rule file is TOML. Its `pattern`, `when`, `compute` and `result` are written as short
 statements in Python's expression syntax, parsed with `ast` and never executed:
@@ -21,7 +22,6 @@ the bigger pattern first, so a smaller one does not take part of its match).
 
 from __future__ import annotations
 
-import ast
 import inspect
 import tomllib
 from dataclasses import dataclass, field
@@ -32,35 +32,10 @@ import onnx
 
 from .errors import OnnxfoldError
 from .predicates import PREDICATES
+from .rulesyntax import Attribute, Call, Literal, Name, RuleError, parse_call, parse_lines
 from .transforms import TRANSFORMS
 
 COMMUTATIVE = {"Add", "Mul"}
-
-
-@dataclass(frozen=True)
-class Name:
-    name: str
-
-
-@dataclass(frozen=True)
-class Attribute:
-    value: str
-    attribute: str
-
-
-@dataclass(frozen=True)
-class Literal:
-    value: object
-
-
-@dataclass(frozen=True)
-class Call:
-    """`targets = function(args, keyword=arg)`: one line of a rule."""
-    targets: tuple
-    function: str
-    args: tuple
-    keywords: dict
-    text: str
 
 
 @dataclass
@@ -138,10 +113,6 @@ def load_rule_file(path) -> Rule:
     return rule
 
 
-class RuleError(ValueError):
-    pass
-
-
 _KEYS = ("name", "summary", "description", "benefit", "pattern", "when", "compute", "result", "examples",
          "counterexamples")
 
@@ -155,15 +126,15 @@ def _build_rule(data, path) -> Rule:
             raise RuleError(f"'{key}' is missing or not a string")
     if not isinstance(data.get("description", ""), str):
         raise RuleError("'description' is not a string")
-    pattern = _parse_lines(data["pattern"])
+    pattern = parse_lines(data["pattern"])
     return Rule(
         name=_rule_name(data, path),
         summary=data["summary"],
         description=data.get("description", "").strip(),
         pattern=pattern,
-        when=[_parse_call(text) for text in _strings(data, "when")],
-        compute=[_parse_call(text) for text in _strings(data, "compute")],
-        result=_parse_lines(data["result"]),
+        when=[parse_call(text) for text in _strings(data, "when")],
+        compute=[parse_call(text) for text in _strings(data, "compute")],
+        result=parse_lines(data["result"]),
         examples=_cases(data, "examples", ()),
         counterexamples=_cases(data, "counterexamples", ("reason",)),
         source=str(path),
@@ -211,79 +182,6 @@ def _cases(data, key, required) -> list:
         if "data" in case and not (isinstance(case["data"], list) and all(isinstance(n, str) for n in case["data"])):
             raise RuleError(f"{where}: 'data' must be a list of input names")
     return cases
-
-
-def _parse_lines(text) -> list:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        raise RuleError("an empty pattern or result")
-    return [_parse_call(line) for line in lines]
-
-
-def _parse_call(text) -> Call:
-    text = text.strip()
-    try:
-        tree = ast.parse(text, mode="exec").body
-    except SyntaxError as error:
-        raise RuleError(f"cannot parse '{text}': {error.msg}") from None
-    except (MemoryError, RecursionError):  # what the parser raises on very deep nesting
-        raise RuleError(f"cannot parse '{text[:80]}': nested too deeply") from None
-    if len(tree) != 1:
-        raise RuleError(f"'{text}' is not one statement")
-    statement = tree[0]
-    if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
-        targets, call = _targets(statement.targets[0], text), statement.value
-    elif isinstance(statement, ast.Expr):
-        targets, call = (), statement.value
-    else:
-        raise RuleError(f"'{text}' is neither 'names = f(args)' nor 'f(args)'")
-    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
-        raise RuleError(f"'{text}' does not call a named function or op")
-    if any(kw.arg is None for kw in call.keywords):
-        raise RuleError(f"'{text}' passes '**': keywords must be written out")
-    args = tuple(_argument(arg, text) for arg in call.args)
-    keywords = {kw.arg: _argument(kw.value, text) for kw in call.keywords}
-    return Call(targets, call.func.id, args, keywords, text)
-
-
-def _targets(node, text) -> tuple:
-    elements = node.elts if isinstance(node, ast.Tuple) else [node]
-    if not all(isinstance(element, ast.Name) for element in elements):
-        raise RuleError(f"'{text}' assigns to something other than names")
-    return tuple(element.id for element in elements)
-
-
-def _argument(node, text):
-    if isinstance(node, ast.Name):
-        return Name(node.id)
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-        return Attribute(node.value.id, node.attr)
-    try:
-        value = ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        value = _NOT_A_LITERAL
-    if not _plain_literal(value):
-        # get_source_segment, unlike unparse, does not recurse on a deeply nested argument.
-        raise RuleError(f"'{ast.get_source_segment(text, node)}' in '{text}' is not a name, attribute or literal "
-                        "(a number, string, None, or a list of numbers or strings)")
-    return Literal(value)
-
-
-_NOT_A_LITERAL = object()
-_INT64 = range(-2**63, 2**63)
-
-
-def _plain_literal(value, nested=False) -> bool:
-    """What an ONNX attribute or a predicate can take: a number, string, None or a flat list."""
-    if isinstance(value, bool) or value is None:
-        return not nested
-    if isinstance(value, int):
-        return value in _INT64
-    if isinstance(value, (float, str)):
-        return True
-    if isinstance(value, (list, tuple)) and not nested:
-        return all(_plain_literal(element, nested=True) for element in value)
-    return False
 
 
 # --- validation ------------------------------------------------------------------------
