@@ -72,6 +72,8 @@ def _with_external_data(model, path, read_external) -> set:
     external = {path.parent / entry.value for t in all_tensors(model)
                 if t.data_location == onnx.TensorProto.EXTERNAL and not is_reference(t)
                 for entry in t.external_data if entry.key == "location"}
+    if any("\0" in str(file) for file in external):  # no file name holds one; os calls raise
+        raise OnnxfoldError("an external data location contains a NUL byte", path)
     if external:
         try:
             read_external(model, path.parent)

@@ -287,6 +287,8 @@ MALFORMED = {
     "graph output naming nothing": (lambda tmp: _edit(lambda m: setattr(m.graph.output[0], "name", "ghost")),
                                     "graph output 'ghost' names no value"),
     "external data past the end of its file": (_external_past_end, "external data"),
+    "a NUL byte in an external data location": (lambda tmp: _edit(lambda m: _external(m.graph.initializer[0], "k.bin\0x")),
+                                               "contains a NUL byte"),
     "sparse index out of range": (lambda tmp: _bad_sparse_index(), "sparse tensor 'k'"),
 }
 

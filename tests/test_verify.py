@@ -373,6 +373,8 @@ def test_bad_arguments_are_clean_errors():
                           ({"providers": []}, "no provider given"),
                           ({"samples": 0}, "samples"),
                           ({"threads": 0}, "threads"),
+                          ({"threads": 10**6}, "threads must be at most"),  # onnxruntime tried to start them all
+                          ({"seed": -1}, "seed"),
                           ({"input_range": (1, -1)}, "low < high"),
                           ({"rtol": -1.0}, "rtol"),
                           ({"output_tolerances": {"y": (1e-3,)}}, "must be \\(rtol, atol\\)")):
@@ -490,3 +492,11 @@ def test_a_negative_input_dim_is_dynamic(tmp_path):
     report = verify_models(model, model, parity_only())
     assert report.passed and report.inputs[0].shape == [1, 4]
     assert any("batch" in note for note in report.notes)
+
+
+def test_an_npz_of_pickled_objects_is_refused_not_unpickled(tmp_path):
+    """np.load reads an .npz member when asked: its refusal of a pickle came as exit 3."""
+    path = tmp_path / "inputs.npz"
+    np.savez(path, x=np.array([{"run": "code"}], dtype=object))
+    with pytest.raises(OnnxfoldError, match="not a readable .npz file"):
+        verify_models(conv_bn(), conv_folded(), parity_only(inputs=str(path)))

@@ -154,8 +154,11 @@ def _load_arrays(inputs, specs):
             raise OnnxfoldError("a single array needs a one-input model; use an .npz keyed by "
                                 "input name", inputs)
         return {next(iter(specs)): data}
-    with data:
-        return {name: data[name] for name in data.files}
+    with data:  # an .npz reads each array when asked for it: the errors come here
+        try:
+            return {name: data[name] for name in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise OnnxfoldError(f"not a readable .npz file ({first_line(error)})", inputs) from None
 
 
 def _load_npy(path):

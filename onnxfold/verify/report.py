@@ -138,8 +138,8 @@ def _render_provider(provider):
         if output.error:
             lines.append(f"  output '{output.name}': {output.error}")
         elif output.nonfinite_mismatches:
-            lines.append(f"  output '{output.name}': {output.nonfinite_mismatches} NaN/Inf "
-                         "value(s) where the original has other values")
+            lines.append(f"  output '{output.name}': {output.nonfinite_mismatches} value(s) where one "
+                         "model gives NaN/Inf and the other a different value")
     if provider.latency:
         lines += [""] + _render_latency(provider)
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,8 +68,11 @@ class VerifySettings:
     def __post_init__(self):
         for name, least in (("samples", 1), ("warmup", 0), ("iterations", 1)):
             _check_count(name, getattr(self, name), least)
+        _check_count("seed", self.seed, 0)
         if self.threads is not None:
             _check_count("threads", self.threads, 1)
+            if self.threads > MAX_THREADS:  # onnxruntime would try to start them all
+                raise OnnxfoldError(f"threads must be at most {MAX_THREADS} (4 per CPU here), got {self.threads}")
         _check_tolerance("rtol", self.rtol)
         _check_tolerance("atol", self.atol)
         # Normalized in place (frozen: through object.__setattr__), so that a copy made
@@ -89,6 +93,9 @@ class VerifySettings:
             "iterations": self.iterations if self.latency else None,
             "threads": self.threads,
         }
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def _check_count(name, value, least):
