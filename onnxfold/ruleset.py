@@ -88,7 +88,8 @@ def load_rules(extra_dirs=()) -> list:
     rules, seen = [], {}
     for folder in [builtin_rules_dir(), *map(Path, extra_dirs)]:
         if not folder.is_dir():
-            raise OnnxfoldError("the rules folder does not exist", folder)
+            problem = "is a file, not a folder of rule files" if folder.exists() else "does not exist"
+            raise OnnxfoldError(f"the rules folder {problem}", folder)
         for path in sorted(folder.glob("*.toml")):
             rule = load_rule_file(path)
             if rule.name in seen:

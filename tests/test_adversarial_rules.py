@@ -281,3 +281,10 @@ def test_unknown_conv_weight_shape_is_cannot_tell():
     gs.Node("Conv", "conv", attrs={"kernel_shape": [1, 1]}, inputs=[gs.Variable("x"), weight], outputs=[out])
     with pytest.raises(CannotTell, match="shape of 'W' is not known"):
         predicate_module.unit_kernel(out)
+
+
+def test_a_rules_path_that_is_a_file_is_named_so(tmp_path):
+    file = tmp_path / "rules.toml"
+    file.write_text("")
+    with pytest.raises(OnnxfoldError, match="the rules folder is a file, not a folder of rule files"):
+        load_rules([file])

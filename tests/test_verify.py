@@ -500,3 +500,9 @@ def test_an_npz_of_pickled_objects_is_refused_not_unpickled(tmp_path):
     np.savez(path, x=np.array([{"run": "code"}], dtype=object))
     with pytest.raises(OnnxfoldError, match="not a readable .npz file"):
         verify_models(conv_bn(), conv_folded(), parity_only(inputs=str(path)))
+
+
+def test_an_input_range_beyond_the_input_type_is_refused():
+    """float32 inputs drawn from [0, 1e39) were inf, with only a numpy warning."""
+    with pytest.raises(OnnxfoldError, match="beyond float32"):
+        verify_models(conv_bn(), conv_folded(), parity_only(input_range=(0.0, 1e39)))

@@ -106,6 +106,10 @@ def random_array(rng, shape, dtype, value_range=DEFAULT_INPUT_RANGE):
     """Random data of `dtype`: floats uniform in value_range, ints in INT_RANGE, bools 50/50."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
+        largest = float(np.finfo(dtype).max)
+        if max(abs(value_range[0]), abs(value_range[1])) > largest:
+            raise OnnxfoldError(f"input range {list(value_range)} is beyond {dtype} (largest {largest:.4g}): "
+                                "the inputs would be infinite")
         return rng.uniform(value_range[0], value_range[1], size=shape).astype(dtype)
     if dtype.kind in "iu":
         return rng.integers(INT_RANGE[0], INT_RANGE[1], size=shape, dtype=dtype)
