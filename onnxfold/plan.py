@@ -9,6 +9,7 @@ new weights and attributes, so applying it (apply.py) decides nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,13 @@ def _failed_condition(rule, match):
     return None
 
 
+def _all_finite(array) -> bool:
+    """Every element is finite. A float64 sum is NaN or inf if any element is, and of
+    float16/float32 values it cannot overflow: one pass, no temporary; only a sum that
+    is not finite needs the element-wise look."""
+    return math.isfinite(array.sum(dtype=np.float64)) or bool(np.isfinite(array).all())
+
+
 def _cast_weights(rule, match, computed):
     """Cast the computed weights to the site's type, in place; or say why they may not be.
 
@@ -141,7 +149,7 @@ def _cast_weights(rule, match, computed):
             continue
         with np.errstate(over="ignore", invalid="ignore"):
             cast = np.ascontiguousarray(np.asarray(value).astype(dtype))
-        if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        if cast.dtype.kind == "f" and not _all_finite(cast):
             if np.isfinite(value).all():
                 reason = f"folded weights overflow {dtype.name}: '{name}' reaches {np.abs(value).max():.4g}"
             else:
