@@ -11,8 +11,6 @@ The rest of onnxfold reads, reads in, releases and writes weights through this m
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
@@ -118,14 +116,11 @@ def constants_of(graph) -> list:
 
 
 def release_all(constants) -> None:
-    """Free the arrays worth freeing now; small ones wait for the cycle collector (on a
-    10k-node chain, releasing every one of 26k constants took 3% of optimize)."""
+    """Release every constant: a small one still holding a tensor of the output (or input)
+    proto would keep that whole message alive, folded weights included, until the cycle
+    collector runs."""
     for constant in constants:
-        if math.prod(constant.shape) >= _WORTH_RELEASING:
-            release_values(constant)
-
-
-_WORTH_RELEASING = 1024  # elements
+        release_values(constant)
 
 
 def write_weight(constant, graph: onnx.GraphProto) -> None:
