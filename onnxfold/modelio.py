@@ -92,24 +92,34 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
     Large weights are checked for their type and shape only, as graph inputs: checking
     their bytes would copy the whole model.
     """
+    return _checker_says(without_large_weights(model))
+
+
+def complaints(model: onnx.ModelProto) -> dict:
+    """{judge: complaint} for what the ONNX checker and onnxruntime say against the model,
+    both asked about one copy of it with large weights as typed inputs: onnxruntime then
+    builds the graph, not the weights."""
+    skeleton = without_large_weights(model)
+    found = {"the ONNX checker": _checker_says(skeleton), "onnxruntime": _runtime_says(skeleton)}
+    return {judge: complaint for judge, complaint in found.items() if complaint}
+
+
+def _checker_says(skeleton) -> str | None:
     try:
-        onnx.checker.check_model(without_large_weights(model))
+        onnx.checker.check_model(skeleton)
     except (onnx.checker.ValidationError, ValueError, OSError) as error:
         return first_line(error)
     return None
 
 
-def runtime_refusal(model: onnx.ModelProto) -> str | None:
-    """Why onnxruntime will not load the model, if it will not. Large weights are typed
-    graph inputs here (without_large_weights), so this builds the graph, not the weights."""
+def _runtime_says(skeleton) -> str | None:
     import onnxruntime as ort  # here: the optimizer needs it for this check alone
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
     try:
-        ort.InferenceSession(without_large_weights(model).SerializeToString(), options,
-                             providers=["CPUExecutionProvider"])
+        ort.InferenceSession(skeleton.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for every refusal
         return first_line(error)
     return None

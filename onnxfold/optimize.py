@@ -12,12 +12,11 @@ from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
-from .modelio import (checker_complaint, copy_without, load_model, runtime_refusal, validity_complaint,
-                      without_large_weights)
+from .modelio import complaints, copy_without, load_model, validity_complaint, without_large_weights
 from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
-from .scopes import without_shadowed_names
+from .scopes import graphs, without_shadowed_names
 from .weights import constants_of, hold_apart_from_input, release_all
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
@@ -62,16 +61,16 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     _apply_inferred_shapes(graph, model)
     graph.toposort()
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
-    graphs = [graph, *graph.subgraphs(recursive=True)]
-    names = NameSource(graphs)
-    engines = [Engine(g, rules, names) for g in graphs]
+    scopes = [graph, *graph.subgraphs(recursive=True)]
+    names = NameSource(scopes)
+    engines = [Engine(g, rules, names) for g in scopes]
     normalized = None
-    for scope, engine in zip(graphs, engines):
+    for scope, engine in zip(scopes, engines):
         counts = _rewrite_to_fixpoint(scope, engine)
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     rewrites = [r for e in engines for r in e.rewrites]
-    misses = [m for g, e in zip(graphs, engines)
+    misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
     optimized = export_model(graph, model)
     _check_output(source, optimized)
@@ -104,10 +103,13 @@ def _format_warnings(source, optimized, frozen) -> list:
 def _check_output(source, optimized) -> None:
     """A written model the ONNX checker or onnxruntime rejects, from an input they accept,
     is a bug: exit 3, never a broken model with exit 0."""
-    for check, judge in ((checker_complaint, "the ONNX checker"), (runtime_refusal, "onnxruntime")):
-        complaint = check(optimized)
-        if complaint and not check(source):
-            raise RuntimeError(f"{judge} rejects the optimized model ({complaint}); it accepts the input")
+    found = complaints(optimized)
+    if not found:
+        return
+    accepted = [judge for judge in found if judge not in complaints(source)]
+    if accepted:
+        judge = accepted[0]
+        raise RuntimeError(f"{judge} rejects the optimized model ({found[judge]}); it accepts the input")
 
 
 def _rewrite_to_fixpoint(graph, engine) -> dict:
@@ -175,7 +177,7 @@ def _inferred_types(model) -> dict:
     """Value name -> TypeProto from shape inference, run on a copy without big weights nor
     the file's annotations; a name two scopes give different types is left out."""
     skeleton = without_large_weights(model)
-    for scope in _scopes(skeleton.graph):
+    for scope in graphs(skeleton):
         del scope.value_info[:]
         for info in scope.input:
             _forget_sizes(info, keep_static=True)
@@ -183,20 +185,11 @@ def _inferred_types(model) -> dict:
             _forget_sizes(info, keep_static=False)
     inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     types, ambiguous = {}, set()
-    for scope in _scopes(inferred.graph):
+    for scope in graphs(inferred):
         for info in [*scope.value_info, *scope.output]:
             if types.setdefault(info.name, info.type) != info.type:
                 ambiguous.add(info.name)
     return {name: kind for name, kind in types.items() if name not in ambiguous}
-
-
-def _scopes(graph: onnx.GraphProto):
-    """The graph and every graph nested in its nodes' attributes."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
-                yield from _scopes(subgraph)
 
 
 def _forget_sizes(info, keep_static) -> None:

@@ -23,6 +23,7 @@ import onnx
 
 from . import wire
 from .errors import OnnxfoldError
+from .scopes import graphs
 
 # Weights up to this many bytes are read into memory when a model is opened.
 INLINE_LIMIT = 4096
@@ -198,18 +199,6 @@ def all_tensors(model: onnx.ModelProto):
         for tensor in sparse:
             yield tensor.values
             yield tensor.indices
-
-
-def graphs(model: onnx.ModelProto):
-    """The main graph and every graph nested in a node attribute, at any depth."""
-    pending = [model.graph]
-    while pending:
-        graph = pending.pop()
-        yield graph
-        for node in graph.node:
-            for attribute in node.attribute:
-                pending += [attribute.g] if attribute.HasField("g") else []
-                pending += attribute.graphs
 
 
 def _inside(folder: Path, location: str):

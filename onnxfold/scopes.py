@@ -27,7 +27,7 @@ def without_shadowed_names(model: onnx.ModelProto) -> onnx.ModelProto:
 def _scopes(graph, outer=frozenset()):
     """(graph, the names its enclosing graphs define) for the graph and every nested one."""
     yield graph, outer
-    inner = outer | _defined(graph)
+    inner = outer | defined_names(graph)
     for body in _bodies(graph):
         yield from _scopes(body, inner)
 
@@ -39,7 +39,7 @@ def _unshadow(graph, outer: set, taken: set) -> None:
     if renames:
         _rename_definitions(graph, renames)
         _rename_uses(graph, renames)
-    inner = outer | _defined(graph)
+    inner = outer | defined_names(graph)
     for body in _bodies(graph):
         _unshadow(body, inner, taken)
 
@@ -62,16 +62,17 @@ def _rename_uses(graph, renames) -> None:
     for info in [*graph.output, *graph.value_info]:
         info.name = renames.get(info.name, info.name)
     for body in _bodies(graph):
-        inherited = {old: new for old, new in renames.items() if old not in _defined(body)}
+        inherited = {old: new for old, new in renames.items() if old not in defined_names(body)}
         if inherited:
             _rename_uses(body, inherited)
 
 
 def _clashes(graph, outer) -> set:
-    return _defined(graph) & outer if outer else set()
+    return defined_names(graph) & outer if outer else set()
 
 
-def _defined(graph) -> set:
+def defined_names(graph) -> set:
+    """The names a graph defines itself: weights, inputs and node outputs."""
     names = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
     names |= {info.name for info in graph.input}
     names |= {name for node in graph.node for name in node.output if name}
@@ -80,16 +81,30 @@ def _defined(graph) -> set:
 
 def _bodies(graph):
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield attribute.g
-            yield from attribute.graphs
+        yield from node_bodies(node)
+
+
+def node_bodies(node):
+    """The graphs a node holds in its attributes (If's branches, Loop's and Scan's body)."""
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def graphs(model: onnx.ModelProto):
+    """The main graph and every graph nested in a node attribute, at any depth."""
+    pending = [model.graph]
+    while pending:
+        graph = pending.pop()
+        yield graph
+        pending += _bodies(graph)
 
 
 def _all_names(graph) -> set:
     names = set()
     for scope, _ in _scopes(graph):
-        names |= _defined(scope) | {name for node in scope.node for name in node.input}
+        names |= defined_names(scope) | {name for node in scope.node for name in node.input}
     return names
 
 

@@ -13,7 +13,8 @@ import math
 import onnx
 
 from .errors import OnnxfoldError
-from .references import graphs, is_reference, shape_bytes
+from .references import is_reference, shape_bytes
+from .scopes import defined_names, graphs, node_bodies
 
 _KNOWN_TYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
 
@@ -78,9 +79,8 @@ def _check_scope(graph: onnx.GraphProto, outer: set) -> None:
         if info.name not in visible:
             raise OnnxfoldError(f"graph output '{info.name}' names no value")
     for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                _check_scope(body, visible)
+        for body in node_bodies(node):
+            _check_scope(body, visible)
 
 
 def _define(defined: set, name: str, what: str) -> None:
@@ -116,12 +116,10 @@ def _reads(node: onnx.NodeProto):
     """The node's inputs, and the outer values its nested graphs read (they must exist
     before the node runs)."""
     yield from node.input
-    for attribute in node.attribute:
-        for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            own = {t.name for t in [*body.initializer, *body.input]} | \
-                  {s.values.name for s in body.sparse_initializer} | {o for n in body.node for o in n.output}
-            yield from (name for n in body.node for name in _reads(n) if name not in own)
-            yield from (info.name for info in body.output if info.name not in own)
+    for body in node_bodies(node):
+        own = defined_names(body)
+        yield from (name for n in body.node for name in _reads(n) if name not in own)
+        yield from (info.name for info in body.output if info.name not in own)
 
 
 def _check_tensor(tensor: onnx.TensorProto) -> None:
