@@ -61,6 +61,19 @@ def test_if_with_shape_derived_condition_becomes_its_branch():
     assert_same_function(model, optimized, feeds=_X)
 
 
+def test_if_whose_condition_is_known_only_at_run_time_stays():
+    """The trap: a batch dim that is dynamic (N) makes Shape(x)[0] == 1 a run-time value."""
+    nodes = _shape_condition([helper.make_node("Relu", ["x"], ["t"])], "t",
+                             [helper.make_node("Neg", ["x"], ["e"])], "e")
+    model = _model([*nodes, helper.make_node("Sigmoid", ["t0"], ["y"])], [vi("x", F, ["N", 4])],
+                   [vi("y", F, ["N", 4])], _INDEX_CONSTANTS)
+    optimized, report = optimize(model)
+    assert op_counts(_valid(optimized))["If"] == 1 and report.normalized["constant-if"] == 0
+    for batch in (1, 2):  # each branch taken once
+        feeds = {"x": np.tile(_X["x"], (batch, 1))}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
 @pytest.mark.parametrize("kind", ["outer value", "branch weight", "read inside too"])
 def test_inlined_branch_keeps_outputs_that_no_node_of_it_computes_alone(kind):
     """graph-surgeon's own inlining lost these: the If's output then had no producer."""
