@@ -22,9 +22,9 @@ import click
 
 from . import __version__
 from .errors import OnnxfoldError
-from .jobs import (BAD_INPUT, FAILED, INTERNAL, OK, JobOptions, batch_inputs, batch_targets, check_report_path,
-                   data_file, optimize_file, optimize_many)
-from .modelio import write_text
+from .jobs import (BAD_INPUT, FAILED, INTERNAL, OK, WOULD_CHANGE, JobOptions, batch_inputs, batch_targets,
+                   check_report_path, data_file, optimize_file, optimize_many)
+from .modelio import made_folder, write_text
 from .parity_options import parity_options, parity_settings
 from .ruleset import load_rules
 from .text import table
@@ -110,7 +110,10 @@ def main():
 @main.command("optimize")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path),
-              help="Batch mode: optimize every input (files, or folders of .onnx) into DIR.")
+              help="Batch mode: optimize every input (files, or folders of .onnx) into DIR (created if missing).")
+@click.option("--check", is_flag=True,
+              help="Write no model: exit 1 and say what would change if an input is not already "
+                   "optimized (a rule or clean-up would change it), 0 if none is. Takes any number of inputs.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Batch mode: processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--only", help="Run only these rules (comma-separated).")
@@ -133,14 +136,21 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @parity_options
 @_handle_errors
-def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, explain, verify,
+def optimize_command(paths, out_dir, check, jobs, json_path, only, skip, rule_dirs, explain, verify,
                      keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet, parity):
-    """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR.
+    """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR, or --check inputs.
 
     \b
     onnxfold optimize model.onnx model.opt.onnx
     onnxfold optimize models/ extra.onnx --out-dir optimized/ -j 2
+    onnxfold optimize --check models/ extra.onnx
     """
+    if check:
+        if out_dir is not None or verify or keep_failed:
+            raise click.UsageError("--check writes nothing: it takes no --out-dir, --verify or --keep-failed")
+        options = JobOptions(_names(only), _names(skip), rule_dirs, freeze_weight_inputs=freeze_weight_inputs,
+                             check=True)
+        sys.exit(_check_batch(batch_inputs(paths), options, jobs, json_path, quiet))
     if out_dir is None and len(paths) != 2:
         raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
     sources = batch_inputs(paths) if out_dir is not None else paths[:1]
@@ -150,18 +160,34 @@ def optimize_command(paths, out_dir, jobs, json_path, only, skip, rule_dirs, exp
         result = optimize_file(*paths, options, report=json_path)
         _report_single(result, json_path, explain, quiet)
         sys.exit(_EXIT[result.status])
-    if json_path:
-        targets = batch_targets(sources, out_dir)
-        check_report_path(json_path, {**dict.fromkeys(sources, "an input model"),
-                                      **dict.fromkeys(targets, "an output model"),
-                                      **dict.fromkeys(map(data_file, targets), "an output's external data")})
-    results = _run_batch(sources, out_dir, options, jobs, quiet)
-    if json_path:
-        write_text(json_path, json.dumps([_job_dict(r) for r in results], indent=2) + "\n")
+    with made_folder(out_dir) as created:  # removed again if a check below refuses the run
+        if json_path:
+            targets = batch_targets(sources, out_dir)
+            check_report_path(json_path, {**dict.fromkeys(sources, "an input model"),
+                                          **dict.fromkeys(targets, "an output model"),
+                                          **dict.fromkeys(map(data_file, targets), "an output's external data")})
+        if created and not quiet:
+            click.echo(f"onnxfold: created the output folder {out_dir}", err=True)
+        results = _run_batch(sources, out_dir, options, jobs, quiet)
+    _write_batch_json(json_path, [_job_dict(r) for r in results])
     sys.exit(max(_EXIT[r.status] for r in results))
 
 
-_EXIT = {OK: 0, FAILED: EXIT_FAILED, BAD_INPUT: EXIT_BAD_INPUT, INTERNAL: EXIT_INTERNAL}
+def _check_batch(sources, options, jobs, json_path, quiet):
+    """--check: what optimizing each source would change; the exit code: 1 if any would change."""
+    if json_path:
+        check_report_path(json_path, dict.fromkeys(sources, "an input model"))
+    results = _run_batch(sources, None, options, jobs, quiet, render=_check_lines)
+    _write_batch_json(json_path, [{**_job_dict(r), "would_change": r.changes} for r in results])
+    return max(_EXIT[r.status] for r in results)
+
+
+def _write_batch_json(json_path, jobs):
+    if json_path:
+        write_text(json_path, json.dumps(jobs, indent=2) + "\n")
+
+
+_EXIT = {OK: 0, FAILED: EXIT_FAILED, WOULD_CHANGE: EXIT_FAILED, BAD_INPUT: EXIT_BAD_INPUT, INTERNAL: EXIT_INTERNAL}
 
 
 def _report_single(result, json_path, explain, quiet):
@@ -177,12 +203,12 @@ def _report_single(result, json_path, explain, quiet):
         click.echo(f"wrote {result.target}" if result.written else f"parity failed: {result.target} not written")
 
 
-def _run_batch(sources, out_dir, options, jobs, quiet):
-    with click.progressbar(length=len(sources), label="optimizing", file=sys.stderr,
-                           hidden=quiet or not sys.stderr.isatty()) as bar:
+def _run_batch(sources, out_dir, options, jobs, quiet, render=None):
+    with click.progressbar(length=len(sources), label="checking" if options.check else "optimizing",
+                           file=sys.stderr, hidden=quiet or not sys.stderr.isatty()) as bar:
         results = optimize_many(sources, out_dir, options, jobs, on_done=lambda _: bar.update(1))
     if not quiet:
-        click.echo(_batch_table(results))
+        click.echo((render or _batch_table)(results))
     for result in results:
         for warning in result.warnings:
             click.echo(f"onnxfold: warning: {warning}", err=True)
@@ -203,6 +229,21 @@ def _batch_table(results) -> str:
     lines = table(["model", "status", "nodes", "seconds"], rows, align="<<>>")
     failed = sum(r.status != OK for r in results)
     lines.append(f"{len(results) - failed} of {len(results)} optimized" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+def _check_lines(results) -> str:
+    """A line per input, then the count: black's --check, for models."""
+    lines = []
+    for r in results:
+        if r.status == WOULD_CHANGE:
+            nodes = f"nodes {r.report.before['nodes']} -> {r.report.after['nodes']}"
+            lines.append(f"would change {r.source}: {nodes}; {', '.join(r.changes)}")
+        elif r.status == OK:
+            lines.append(f"already optimized: {r.source}")
+    changed = sum(r.status == WOULD_CHANGE for r in results)
+    failed = sum(r.status not in (OK, WOULD_CHANGE) for r in results)
+    lines.append(f"{changed} of {len(results)} would change" + (f", {failed} failed" if failed else ""))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from .ruleset import load_rules
 from .text import first_line
 
 OK, FAILED, BAD_INPUT, INTERNAL = "ok", "parity failed", "error", "internal error"
+WOULD_CHANGE = "would change"  # --check: optimizing would change the model
 
 
 @dataclass
@@ -29,17 +30,19 @@ class JobOptions:
     size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
     freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
     parity: object = None  # with verify: its VerifySettings (None: the defaults)
+    check: bool = False  # only tell whether optimizing would change the input; write nothing
 
 
 @dataclass
 class JobResult:
     source: str
-    target: str
+    target: str | None  # None with --check
     status: str = OK
     error: str | None = None
     warnings: list = field(default_factory=list)
     report: object = None  # the Report, when optimizing got that far
     written: bool = False
+    changes: list = field(default_factory=list)  # with --check: what optimizing would change
 
 
 def optimize_file(source, target, options: JobOptions, rules=None, report=None) -> JobResult:
@@ -48,20 +51,22 @@ def optimize_file(source, target, options: JobOptions, rules=None, report=None) 
     `report`: where the caller will write the JSON report, checked with the model's own
     destinations before anything is written.
     """
-    result = JobResult(str(source), str(target))
+    result = JobResult(str(source), _text(target))
     try:
-        _run(Path(source), Path(target), options, rules, result, report and Path(report))
+        _run(Path(source), target and Path(target), options, rules, result, report and Path(report))
     except OnnxfoldError as error:
         result.status, result.error = BAD_INPUT, str(error)
     return result
 
 
 def _run(source, target, options, rules, result, report) -> None:
+    if rules is None:
+        rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
+    if options.check:
+        return _check_only(source, options, rules, result)
     check_destination(target)
     if same_file(source, target) and not options.force:
         raise OnnxfoldError("is both input and output; pass --force to overwrite it", source)
-    if rules is None:
-        rules = select_rules(load_rules(options.rule_dirs), options.only, options.skip)
     model, data_files = open_model(source)  # large weights stay in the file until needed
     overwritten = [f for f in (target, data_file(target)) if any(same_file(f, data) for data in data_files)]
     if overwritten and not options.force:
@@ -70,16 +75,7 @@ def _run(source, target, options, rules, result, report) -> None:
     if report:
         check_report_path(report, {source: "the input model", **dict.fromkeys(data_files, "its external data"),
                                    target: "the output model", data_file(target): "the output's external data"})
-    complaint = checker_complaint(model)
-    if complaint:
-        result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
-                               "optimizing anyway")
-    try:
-        optimized, report = optimize(model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs)
-    except OnnxfoldError as error:  # a refusal about the model: name its file
-        raise error if error.path else OnnxfoldError(str(error), source) from None
-    result.report = report
-    result.warnings += report.warnings
+    optimized, report = _optimized(model, source, options, rules, result)
     if options.verify:
         from .culprit import verify_optimization
 
@@ -92,6 +88,35 @@ def _run(source, target, options, rules, result, report) -> None:
         wanted = (bool(data_files) or None) if options.external_data is None else options.external_data
         save_model(optimized, target, external_data=wanted, size_threshold=options.size_threshold)
         result.written = True
+
+
+def _check_only(source, options, rules, result) -> None:
+    """--check: optimize in memory, record what would change, write nothing."""
+    model, _ = open_model(source)
+    _, report = _optimized(model, source, options, rules, result)
+    result.changes = report.changes()
+    if result.changes:
+        result.status = WOULD_CHANGE
+
+
+def _optimized(model, source, options, rules, result) -> tuple:
+    """(optimized model, Report) of `model`, read from `source`; warnings go into result."""
+    complaint = checker_complaint(model)
+    if complaint:
+        result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
+                               "optimizing anyway")
+    optimized, report = _naming(source, optimize, model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs)
+    result.report = report
+    result.warnings += report.warnings
+    return optimized, report
+
+
+def _naming(source, call, *args, **kwargs):
+    """call(*args, **kwargs); a refusal about the model in memory names its file, `source`."""
+    try:
+        return call(*args, **kwargs)
+    except OnnxfoldError as error:
+        raise error if error.path else OnnxfoldError(str(error), source) from None
 
 
 def check_report_path(report, models: dict) -> None:
@@ -139,8 +164,9 @@ def batch_targets(sources, out_dir) -> list:
 
 
 def optimize_many(sources, out_dir, options: JobOptions, jobs=1, on_done=None) -> list:
-    """Optimize each source into out_dir, independently; one bad model stops nothing."""
-    targets = batch_targets(sources, out_dir)
+    """Optimize each source into out_dir, independently; one bad model stops nothing.
+    With options.check there is no out_dir (None): nothing is written."""
+    targets = [None] * len(sources) if options.check else batch_targets(sources, out_dir)
     select_rules(load_rules(options.rule_dirs), options.only, options.skip)  # fail early
     results = [None] * len(sources)
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -163,6 +189,10 @@ def _outcome(future, source, target) -> JobResult:
     try:
         return future.result()
     except Exception as error:  # noqa: BLE001 - reported, with the exit code of a bug
-        return JobResult(str(source), str(target), INTERNAL,
+        return JobResult(str(source), _text(target), INTERNAL,
                          f"{source}: {type(error).__name__}: {first_line(error)} "
                          "(run it alone with ONNXFOLD_DEBUG=1 for the traceback)")
+
+
+def _text(path) -> str | None:
+    return None if path is None else str(path)

@@ -382,3 +382,51 @@ def _name_max(folder: Path) -> int:
         return os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
+
+
+@contextmanager
+def made_folder(folder: Path):
+    """Create an output folder and its missing parents, as `mkdir -p` would; yields the
+    folders it created (none when it exists). They are removed again, if still empty, when
+    the body fails or is interrupted, so that a refused run leaves nothing behind. A path
+    that is (or lies under) a file, or that cannot be created, is refused before anything
+    is created, naming the folder."""
+    folder = Path(folder)
+    missing = _missing_folders(folder)
+    created = []
+    try:
+        for path in missing:
+            try:
+                path.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: fine if it is a folder
+                require_folder(path)
+                continue
+            except OSError as error:
+                raise OnnxfoldError(f"cannot create the output folder ({first_line(error)})", folder) from None
+            created.append(path)
+        yield created
+    except BaseException:
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:  # not empty: outputs were written into it
+                break
+        raise
+
+
+def _missing_folders(folder: Path) -> list:
+    """The folders to create for `folder`, outermost first; refuses a path under a file or
+    an existing parent that is not writable."""
+    missing, path = [], folder
+    while not path.exists() and path != path.parent:
+        if path.is_symlink():
+            raise OnnxfoldError(f"cannot create the output folder: {path} is a broken symbolic link", folder)
+        missing.append(path)
+        path = path.parent
+    if not missing:
+        require_folder(folder)
+    elif not path.is_dir():
+        raise OnnxfoldError(f"cannot create the output folder: {path} is a file, not a folder", folder)
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise OnnxfoldError(f"cannot create the output folder: {path} is not writable", folder)
+    return list(reversed(missing))

@@ -94,6 +94,19 @@ class Report:
             lines.append(f"{len(self.misses)} places a rule did not apply: see --explain")
         return "\n".join(lines)
 
+    def changes(self) -> list:
+        """What optimizing changed, one item each (`optimize --check`). Empty means the input
+        was already optimized: no rule fired, no clean-up changed anything, no weight input
+        was frozen, and the graph kept every node, op and weight (the graph's own clean-up of
+        dead nodes and unused weights counts too). A newer IR version alone is no change."""
+        changes = [f"{name} x{count}" for name, count in self.fired().items()]
+        changes += [f"{name} x{count}" for name, count in self.normalized.items() if count]
+        if self.frozen_inputs:
+            changes.append(f"froze {len(self.frozen_inputs)} weight inputs")
+        if not changes and any(self.before[key] != self.after[key] for key in ("nodes", "ops", "parameters")):
+            changes.append("removed unused nodes or weights")
+        return changes
+
 
 def _op_table(before: dict, after: dict) -> str:
     ops = sorted(set(before) | set(after), key=lambda op: (-before.get(op, 0), op))
