@@ -79,8 +79,8 @@ def _run(source, target, options, rules, result, report) -> None:
     if options.verify:
         from .culprit import verify_optimization
 
-        report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report,
-                                                  options.freeze_weight_inputs, options.parity)
+        report.verification = _naming(source, verify_optimization, loaded(model), loaded(optimized), rules,
+                                      report, options.freeze_weight_inputs, options.parity)
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:

@@ -18,7 +18,11 @@ PARITY_OPTIONS = [
                       "':' (Identity:0:1e-3). Where the text also reads as NAME:RTOL:ATOL, the "
                       "reading whose NAME is an output of the model is taken."),
     click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare."),
-    click.option("--input-range", metavar="LOW,HIGH", help="Range of random float inputs (default -1,1)."),
+    click.option("--input-range", "input_range", multiple=True, metavar="[NAME:]LOW,HIGH",
+                 help="Range [LOW, HIGH) of random inputs. LOW,HIGH: every float input (default -1,1). "
+                      "NAME:LOW,HIGH: that input, of any number type (integers take integer bounds); "
+                      "repeatable. Integer inputs default to what the graph says (indices into a "
+                      "Gather's table: [0, its size); cast to float: 0 or 1), else [0, 8)."),
     click.option("--shape", "shapes", multiple=True, metavar="NAME:DxDxD",
                  help="Shape of an input with dynamic dimensions; repeatable."),
     click.option("--inputs", "input_files", multiple=True, metavar="FILE.npz | NAME=FILE.npy",
@@ -50,7 +54,7 @@ def parity_settings(parity, models, **more):
     return VerifySettings(
         rtol=parity["rtol"], atol=parity["atol"],
         output_tolerances=_output_tolerances(parity["output_tol"], _output_names(models)),
-        samples=parity["samples"], input_range=_pair(parity["input_range"], "--input-range"),
+        samples=parity["samples"], **_input_ranges(parity["input_range"]),
         shapes=_shapes(parity["shapes"]), inputs=_input_files(parity["input_files"]), seed=parity["seed"],
         **more)
 
@@ -72,13 +76,29 @@ def _output_names(paths):
     return names
 
 
-def _pair(text, option):
-    if not text:
-        return None
+def _input_ranges(items) -> dict:
+    """VerifySettings' input_range (LOW,HIGH: for floats) and input_ranges (NAME:LOW,HIGH,
+    read from the right like --shape, so NAME may hold ':') from --input-range items."""
+    shared, named = [], {}
+    for item in items:
+        name, colon, pair = item.rpartition(":")
+        if colon and not name:
+            raise OnnxfoldError(f"--input-range takes [NAME:]LOW,HIGH, not '{item}'")
+        if name:
+            named[name] = _pair(pair, item)
+        else:
+            shared.append(_pair(pair, item))
+    if len(shared) > 1:
+        raise OnnxfoldError("--input-range LOW,HIGH (for every float input) is given twice; "
+                            "use NAME:LOW,HIGH for one input")
+    return {"input_range": shared[0] if shared else None, "input_ranges": named}
+
+
+def _pair(text, item):
     try:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
-        raise OnnxfoldError(f"{option} takes LOW,HIGH, not '{text}'") from None
+        raise OnnxfoldError(f"--input-range takes [NAME:]LOW,HIGH, not '{item}'") from None
     return low, high
 
 

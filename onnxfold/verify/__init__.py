@@ -3,6 +3,7 @@
 settings.py  VerifySettings: what to compare and how, checked when made
 models.py    the two models and their signatures, which must agree
 feeds.py     the inputs: random data, or the user's .npy/.npz files
+ranges.py    what the graph says of an integer input's range (embedding indices, masks)
 sessions.py  onnxruntime sessions; when a provider (CUDA) cannot run, and why
 parity.py    the outputs compared, element by element, within tolerances
 latency.py   both models timed, interleaved
@@ -44,7 +45,7 @@ def verify_models(original, optimized, settings: VerifySettings | None = None, p
     providers = execution_providers(settings.providers)
 
     notes, warnings = [], []
-    feeds, infos = make_feeds(specs, settings, notes)
+    feeds, infos = make_feeds(specs, settings, notes, original.proto)
     ref_outputs = reference_outputs(original, feeds, output_names, settings.threads)
     chosen = tolerances(orig_sig["output"], ref_outputs, settings)
 

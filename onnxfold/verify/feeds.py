@@ -11,11 +11,12 @@ import numpy as np
 from ..errors import OnnxfoldError
 from ..text import first_line
 from .models import dims_text, dtype_name, np_dtype
+from .ranges import graph_ranges
 from .report import InputInfo
 from .settings import DEFAULT_INPUT_RANGE
 
-# Random integer inputs are drawn from [0, 8): small and non-negative, because integer
-# inputs are mostly indices (token ids, gather indices) that must stay in range.
+# Random integer inputs the graph does not bound (ranges.py) are drawn from [0, 8): small
+# and non-negative, because integer inputs are mostly indices, sizes or flags.
 INT_RANGE = (0, 8)
 
 
@@ -33,11 +34,15 @@ def input_specs(orig_inputs, opt_inputs, shapes) -> dict:
     return specs
 
 
-def make_feeds(specs, settings, notes) -> tuple:
+def make_feeds(specs, settings, notes, model=None) -> tuple:
     """(feeds: one {name: array} per sample, [InputInfo]): the user's data when given,
-    else `settings.samples` random sets."""
+    else `settings.samples` random sets, each input in the range random_ranges picks;
+    `model` (the original ModelProto) bounds integer inputs."""
+    unknown = [n for n in settings.input_ranges if n not in specs]
+    if unknown:
+        raise OnnxfoldError(f"input range given for unknown input '{unknown[0]}'; inputs: " + ", ".join(specs))
     if settings.inputs is None:
-        return _random_feeds(specs, settings.samples, settings.seed, settings.input_range, notes)
+        return _random_feeds(specs, settings.samples, settings.seed, random_ranges(specs, settings, model), notes)
     feeds, infos = _user_feeds(settings.inputs, specs, notes)
     if settings.samples != 1:
         notes.append(f"inputs come from files, so 1 sample is used (not {settings.samples})")
@@ -87,7 +92,7 @@ def _check_given_shape(name, dims, shape, source):
     return tuple(int(d) for d in shape)
 
 
-def _random_feeds(specs, samples, seed, value_range, notes):
+def _random_feeds(specs, samples, seed, ranges, notes):
     shapes = {name: _shape_for(name, dims, given, notes)
               for name, (_, _, dims, given) in specs.items()}
     for name, (dtype, elem_type, _, _) in specs.items():
@@ -95,35 +100,72 @@ def _random_feeds(specs, samples, seed, value_range, notes):
             raise OnnxfoldError(f"input '{name}' has dtype {dtype_name(elem_type)}, for which "
                                 "verify cannot make random data; give the data (--inputs)")
     rng = np.random.default_rng(seed)
-    feeds = [{name: random_array(rng, shapes[name], spec[0], value_range)
+    feeds = [{name: random_array(rng, shapes[name], spec[0], ranges[name][0])
               for name, spec in specs.items()} for _ in range(samples)]
-    infos = [InputInfo(name, spec[0].name, list(shapes[name]), "random",
-                       _random_range(spec[0], value_range)) for name, spec in specs.items()]
+    infos = [InputInfo(name, spec[0].name, list(shapes[name]), "random", *_shown(*ranges[name]))
+             for name, spec in specs.items()]
     return feeds, infos
 
 
-def random_array(rng, shape, dtype, value_range=DEFAULT_INPUT_RANGE):
-    """Random data of `dtype`: floats uniform in value_range, ints in INT_RANGE, bools 50/50."""
+def random_ranges(specs, settings, model=None) -> dict:
+    """{input name: ((low, high) or None for bools, why)}: the user's range for that input,
+    else the float range for floats; for integers, the range the graph gives (ranges.py),
+    else INT_RANGE. `why` is None for the defaults."""
+    ints = [name for name, spec in specs.items() if spec[0] is not None and spec[0].kind in "iu"]
+    bounded = graph_ranges(model, ints) if model is not None else {}
+    chosen = {}
+    for name, (dtype, elem_type, _, _) in specs.items():
+        kind = dtype.kind if dtype is not None else None
+        if name in settings.input_ranges:
+            chosen[name] = (_given_range(name, settings.input_ranges[name], dtype, elem_type), "--input-range")
+        elif kind == "f":
+            chosen[name] = (settings.input_range, None)
+        elif name in bounded:  # an int8 index into a larger table still takes only int8 values
+            high = min(bounded[name].high, int(np.iinfo(dtype).max) + 1)
+            chosen[name] = ((bounded[name].low, high), bounded[name].reason)
+        else:
+            chosen[name] = (INT_RANGE if kind in ("i", "u") else None, None)
+    return chosen
+
+
+def _given_range(name, pair, dtype, elem_type):
+    """A user's range for input `name`, checked against its dtype."""
+    if dtype is None or dtype.kind == "b":
+        raise OnnxfoldError(f"input '{name}' has dtype {dtype_name(elem_type)}: an input range does not apply")
+    if dtype.kind == "f":
+        return pair
+    low, high = pair
+    if not (low.is_integer() and high.is_integer()):
+        raise OnnxfoldError(f"input '{name}' is {dtype}: its range takes integers, got {low:g},{high:g}")
+    info = np.iinfo(dtype)
+    if low < info.min or high - 1 > info.max:
+        raise OnnxfoldError(f"input range [{low:g}, {high:g}) of input '{name}' is beyond {dtype} "
+                            f"[{info.min}, {info.max}]")
+    return int(low), int(high)
+
+
+def _shown(value_range, why) -> tuple:
+    """InputInfo's range and range_reason."""
+    return (None if value_range is None else list(value_range)), why
+
+
+def random_array(rng, shape, dtype, value_range=None):
+    """Random data of `dtype`: floats uniform in value_range (default DEFAULT_INPUT_RANGE),
+    ints in [low, high) of value_range (default INT_RANGE), bools 50/50."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
+        value_range = value_range or DEFAULT_INPUT_RANGE
         largest = float(np.finfo(dtype).max)
         if max(abs(value_range[0]), abs(value_range[1])) > largest:
             raise OnnxfoldError(f"input range {list(value_range)} is beyond {dtype} (largest {largest:.4g}): "
                                 "the inputs would be infinite")
         return rng.uniform(value_range[0], value_range[1], size=shape).astype(dtype)
     if dtype.kind in "iu":
-        return rng.integers(INT_RANGE[0], INT_RANGE[1], size=shape, dtype=dtype)
+        low, high = value_range or INT_RANGE
+        return rng.integers(low, high, size=shape, dtype=dtype)
     if dtype.kind == "b":
         return rng.random(size=shape) < 0.5
     raise OnnxfoldError(f"cannot make random data of dtype {dtype}")
-
-
-def _random_range(dtype, value_range):
-    if dtype.kind == "f":
-        return list(value_range)
-    if dtype.kind in "iu":
-        return list(INT_RANGE)
-    return None
 
 
 def _user_feeds(inputs, specs, notes):

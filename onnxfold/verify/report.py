@@ -19,6 +19,7 @@ class InputInfo:
     shape: list
     source: str  # "random" or "file"
     range: list | None  # [low, high) of random values; None for bools and file data
+    range_reason: str | None = None  # why that range, where not the default: the graph's, or given
 
 
 @dataclass
@@ -123,7 +124,9 @@ def _input_source(info):
         return "from file"
     if info.range is None:
         return "random"
-    return f"random in [{_num(info.range[0])}, {_num(info.range[1])})"
+    why = f": {info.range_reason}" if info.range_reason else ""
+    low, high = (str(v) if isinstance(v, int) else _num(v) for v in info.range)  # ints exactly: 30522
+    return f"random in [{low}, {high}){why}"
 
 
 def _render_provider(provider):

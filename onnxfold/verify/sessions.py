@@ -38,10 +38,11 @@ def session(model, provider, level, threads):
     """An onnxruntime session of `model` on `provider` (CPU as its fallback)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
-    # Errors only: onnxruntime's own fallback warnings would clutter stderr, and
-    # fallback is detected and reported here instead. (A provider library that fails to
-    # load is still logged by onnxruntime's process-wide logger, as an error.)
-    options.log_severity_level = 3
+    # Fatal only: onnxruntime logs its errors too (a failed run's, in red) before raising
+    # them, and onnxfold words them itself (run, session); its fallback warnings would
+    # clutter stderr, and fallback is detected and reported here instead. (A provider
+    # library that fails to load is still logged by onnxruntime's process-wide logger.)
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
     chain = [provider] if provider == CPU else [provider, CPU]
@@ -57,8 +58,10 @@ def run(session, feed, output_names, model) -> list:
     try:
         return session.run(output_names, feed)
     except Exception as error:  # onnxruntime raises its own classes
+        hint = ("; is an integer input out of range? give it with --input-range NAME:LOW,HIGH"
+                if "out of" in str(error) and "bounds" in str(error) else "")
         raise OnnxfoldError(f"onnxruntime failed running the {model.role} model "
-                            f"({first_line(error)})", model.path) from None
+                            f"({first_line(error)}){hint}", model.path) from None
 
 
 def unavailable_reason(ep) -> str | None:

@@ -42,6 +42,9 @@ class VerifySettings:
     output_tolerances: {output name: (rtol, atol)}, either may be None; beats rtol/atol.
     samples: number of random input sets (1 when `inputs` is given).
     input_range: (low, high) of random float inputs; None = (-1, 1).
+    input_ranges: {input name: (low, high)} for those inputs, of any numeric dtype; beats
+        input_range and the range the graph gives an integer input (see ranges.py).
+        Integer inputs take integer bounds; high is excluded for every dtype.
     shapes: {input name: shape} for dynamic dims. An unset dynamic batch dim (dim 0) is 1,
         with a note; any other unset dynamic dim is an error.
     inputs: a .npz path (keys = input names), or {input name: .npy path or array}; it must
@@ -57,6 +60,7 @@ class VerifySettings:
     output_tolerances: dict = field(default_factory=dict)
     samples: int = 1
     input_range: tuple = DEFAULT_INPUT_RANGE
+    input_ranges: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)
     inputs: object = None
     seed: int = 0
@@ -79,6 +83,8 @@ class VerifySettings:
         # with dataclasses.replace checks the same values again and passes.
         object.__setattr__(self, "providers", _short_names(self.providers))
         object.__setattr__(self, "input_range", _range(self.input_range))
+        object.__setattr__(self, "input_ranges", {name: _range(pair, f"input range of '{name}'")
+                                                  for name, pair in (self.input_ranges or {}).items()})
         object.__setattr__(self, "output_tolerances", _output_tolerances(self.output_tolerances))
         object.__setattr__(self, "shapes", dict(self.shapes or {}))
 
@@ -86,6 +92,7 @@ class VerifySettings:
         """The settings as the report states them; `samples`: the number that ran."""
         return {
             "samples": samples, "seed": self.seed, "input_range": list(self.input_range),
+            "input_ranges": {name: list(pair) for name, pair in self.input_ranges.items()},
             "reference": "original on CPUExecutionProvider, graph optimizations disabled",
             "candidate_graph_optimization": "all",
             "latency_graph_optimization": "all" if self.latency else None,
@@ -111,16 +118,16 @@ def _check_tolerance(what, value):
         raise OnnxfoldError(f"{what} must be a finite number >= 0, got {value!r}")
 
 
-def _range(input_range):
+def _range(input_range, what="input range"):
     if input_range is None:
         return DEFAULT_INPUT_RANGE
     try:
         low, high = (float(v) for v in input_range)
     except (TypeError, ValueError):
-        raise OnnxfoldError("input range must be two numbers (low, high), "
+        raise OnnxfoldError(f"{what} must be two numbers (low, high), "
                             f"got {input_range!r}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise OnnxfoldError(f"input range must be finite with low < high, got ({low}, {high})")
+        raise OnnxfoldError(f"{what} must be finite with low < high, got ({low}, {high})")
     return low, high
 
 
