@@ -44,6 +44,9 @@ def make_feeds(specs, settings, notes, model=None) -> tuple:
     if settings.inputs is None:
         return _random_feeds(specs, settings.samples, settings.seed, random_ranges(specs, settings, model), notes)
     feeds, infos = _user_feeds(settings.inputs, specs, notes)
+    if settings.input_ranges:
+        notes.append(f"inputs come from files, so the input ranges given ({', '.join(settings.input_ranges)}) "
+                     "are not used")
     if settings.samples != 1:
         notes.append(f"inputs come from files, so 1 sample is used (not {settings.samples})")
     return feeds, infos
