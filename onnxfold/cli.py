@@ -1,6 +1,7 @@
 """The command line: parses options, calls the library, prints, and picks the exit code.
 
-Exit codes: 0 success; 1 parity failed (verify, optimize --verify); 2 bad input or usage;
+Exit codes: 0 success; 1 parity failed (verify, optimize --verify), or optimize --check found
+a model optimizing would change; 2 bad input or usage;
 3 an internal error (a bug: please report it with the model if you can); 130 Ctrl-C
 (SIGINT), 143 SIGTERM.
 """
@@ -112,8 +113,8 @@ def main():
 @click.option("--out-dir", type=click.Path(path_type=Path),
               help="Batch mode: optimize every input (files, or folders of .onnx) into DIR (created if missing).")
 @click.option("--check", is_flag=True,
-              help="Write no model: exit 1 and say what would change if an input is not already "
-                   "optimized (a rule or clean-up would change it), 0 if none is. Takes any number of inputs.")
+              help="Write no model: say what optimizing would change (rules, clean-ups, node count); exit 1 "
+                   "if it would change an input, 0 if every input is already optimized. Any number of inputs.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Batch mode: processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--only", help="Run only these rules (comma-separated).")
