@@ -376,3 +376,18 @@ def smaller_gemm_product(first_output, second_output):
         rows, columns = matrix
         shapes.append((columns, rows) if attributes(node)["transB"] else (rows, columns))
     return _product_cost(shapes[0][0], shapes[0][1], shapes[1][1])
+
+
+# --- BatchNormalization around Linear layers -------------------------------------------------
+
+@predicate
+def flattens_to_rows(flatten_output):
+    """Flatten at the last axis: [..., N] becomes [rows, N], every element in its column."""
+    node = _node(flatten_output)
+    rank = rank_of(node.inputs[0])
+    if rank is None:
+        raise CannotTell(f"the rank of '{node.inputs[0].name}' is not known")
+    axis = node.attrs.get("axis", 1)  # the ONNX default
+    if (axis + rank if axis < 0 else axis) != rank - 1:
+        return f"'{node.name}' flattens at axis {axis} of a rank-{rank} tensor: the features do not stay one axis"
+    return None
