@@ -318,3 +318,9 @@ def fold_bn_into_next_matmul(W, C, gamma, beta, mean, var, epsilon):
     """BN over the K input features, then MatMul(., W) (+ C): W' = diag(s).W, C' = C + t.W."""
     return fold_bn_into_next_gemm(W, C, gamma, beta, mean, var, epsilon, 1.0, 1.0, False)
 
+
+
+@transform
+def compose_perms(first, second):
+    """Transpose(Transpose(x, first), second) = Transpose(x, p) with p[i] = first[second[i]]."""
+    return [int(first[axis]) for axis in second]
