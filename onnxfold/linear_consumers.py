@@ -57,7 +57,7 @@ def fold_bn_into_linear_consumers(graph, engine) -> int:
         if node.op != "BatchNormalization" or not is_standard(node) or not node.outputs:
             continue
         try:
-            sites = _linear_sites(node, outputs)
+            sites = _linear_sites(node, outputs, engine.own_nodes)
             new = [_folded_weights(node, site) for site in sites]
         except (_Refused, CannotTell) as why:
             engine.misses[(RULE, node.name)] = Miss(RULE, node.name, str(why), (node.outputs[0].name,))
@@ -79,19 +79,21 @@ def _rewrite(node, sites):
 
 # --- where the BN's channel goes -------------------------------------------------------
 
-def _linear_sites(bn, graph_outputs) -> list:
+def _linear_sites(bn, graph_outputs, own_nodes) -> list:
     """Every Linear the BN output reaches through moves and means, each contracting the channel."""
     _holds("bn_inference", bn.outputs[0])
     _holds("constant", *bn.inputs[1:5])
     channels = _shape(bn.inputs[1])[0]
     # Each value on the way, the channel's axis in it, and its shape (carried along, since
     # shape inference may not have reached past a node the clean-ups simplified).
-    todo, sites = [(bn.outputs[0], 1, _shape(bn.outputs[0]))], []
+    todo, sites = [(bn.outputs[0], 1, _shape(bn.inputs[0]))], []
     while todo:
         value, axis, shape = todo.pop()
         if id(value) in graph_outputs:
             raise _Refused(f"'{value.name}' is a graph output: it must keep the BN")
         for consumer in value.outputs:
+            if id(consumer) not in own_nodes:
+                raise _Refused(f"'{value.name}' is read inside a nested graph (by '{consumer.name}')")
             if consumer.op == "MatMul" or consumer.op == "Gemm":
                 sites.append(_linear_site(consumer, value, axis, shape, channels, graph_outputs))
             elif _moves(consumer) and consumer.inputs[0] is value:
@@ -130,9 +132,9 @@ def _reshaped_axis(node, axis, before, channels) -> tuple:
     """Elements keep their order: the channel survives where the same number of elements
     precede an axis of `channels` elements in the output as preceded it in the input."""
     after = _shape(node.outputs[0])
-    leading = math.prod(before[:axis])
+    leading = _elements(before[:axis])
     for out_axis, size in enumerate(after):
-        if size == channels and math.prod(after[:out_axis]) == leading:
+        if size == channels and _elements(after[:out_axis]) == leading:
             return out_axis, after
     raise _Refused(f"'{node.name}' ({node.op} {list(before)} -> {list(after)}) splits the BN's channel axis "
                    "or merges it with another")
@@ -205,10 +207,17 @@ def _holds(name, *args) -> None:
 
 
 def _shape(value) -> tuple:
+    """Sizes as numbers, dynamic ones by their names (a batch dim 'N'); CannotTell where one
+    is not known at all."""
     shape = value.shape if is_present(value) else None
-    if shape is None or not all(isinstance(d, (int, np.integer)) for d in shape):
+    if shape is None or not all(isinstance(d, (int, np.integer)) or (isinstance(d, str) and d) for d in shape):
         raise CannotTell(f"the shape of '{value.name}' is not known")
-    return tuple(int(d) for d in shape)
+    return tuple(d if isinstance(d, str) else int(d) for d in shape)
+
+
+def _elements(dims) -> tuple:
+    """How many elements `dims` hold: the product of the numbers, and the named sizes."""
+    return math.prod(d for d in dims if isinstance(d, int)), sorted(d for d in dims if isinstance(d, str))
 
 
 # --- the arithmetic and the rewiring -----------------------------------------------------

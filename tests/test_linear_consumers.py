@@ -6,6 +6,7 @@ its BN, with a reason --explain shows.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -196,3 +197,30 @@ g (float[2,8] x) => (float[2,3] a, float[2,5] b, float[2,3] c) {{
     assert op_counts(optimized) == {"Split": 1, "Identity": 1}, op_counts(optimized)
     onnx.checker.check_model(optimized, full_check=True)
     assert_same_function(model, optimized)
+
+
+def test_dynamic_batch_folds():
+    """Exports with a dynamic batch dim: its size has a name, and the channel is still tracked."""
+    text = FOLDS["pre-norm q, k, v"].replace("float[1,4,2,3] x", "float[N,4,2,3] x").replace(
+        "float[1,6,3] q, float[1,6,3] k, float[1,6,5] v", "float[N,6,3] q, float[N,6,3] k, float[N,6,5] v").replace(
+        "{1, 4, -1}", "{0, 4, -1}")
+    model = model_from_text(text)
+    optimized, report = optimize(model, only=[RULE])
+    assert "BatchNormalization" not in op_counts(optimized), report.render(explain=True)
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, 4, 2, 3)).astype(np.float32)}
+    assert_same_function(model, optimized, feeds=feeds)
+
+
+def test_bn_read_inside_a_nested_graph_stays():
+    model = model_from_text(f"""{HEAD}
+g (float[2,4] x, bool c, {STATS}, float[4,5] W) => (float[2,5] y, float[2,5] z) {{
+  b = BatchNormalization(x, gamma, beta, mean, var)
+  y = MatMul(b, W)
+  z = If(c) <then_branch = t () => (float[2,5] r) {{ r = MatMul(b, W) }},
+             else_branch = e () => (float[2,5] r) {{ r = MatMul(b, W) }}>
+}}""", data=["x", "c"])
+    optimized, report = optimize(model, only=[RULE])
+    assert op_counts(optimized)["BatchNormalization"] == 1
+    assert any("nested graph" in m.reason for m in report.misses if m.rule == RULE), report.render(explain=True)
+    feeds = {"x": np.ones((2, 4), np.float32), "c": np.array(True)}
+    assert_same_function(model, optimized, feeds=feeds)
