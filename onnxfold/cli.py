@@ -261,11 +261,18 @@ def _job_dict(result) -> dict:
 @_handle_errors
 def rules_command(name, rule_dirs):
     """List the rules, or show rule NAME in full."""
+    from . import linear_consumers  # a fold no rule file can express; listed with them
+
     rules = load_rules(rule_dirs)
     if name is None:
         width = max(len(rule.name) for rule in rules)
         for rule in rules:
             click.echo(f"{rule.name:<{width}}  {rule.summary}")
+        click.echo(f"{linear_consumers.RULE:<{width}}  {linear_consumers.SUMMARY}")
+        return
+    if name == linear_consumers.RULE:
+        click.echo(f"{name}\n\n{linear_consumers.SUMMARY}\n\n{linear_consumers.__doc__.strip()}\n\n"
+                   f"file: {linear_consumers.__file__}")
         return
     rule = next((rule for rule in rules if rule.name == name), None)
     if rule is None:

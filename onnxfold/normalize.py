@@ -16,7 +16,7 @@ from .weights import constant_values, read_in
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
-           "neutral-elementwise", "identity-reshape")
+           "neutral-elementwise", "identity-reshape", "sequence-split")
 _PASS_THROUGH = {"Identity", "Dropout"}
 
 
@@ -32,6 +32,7 @@ def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
     counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
     counts["constant-if"] = _inline_constant_ifs(graph, names)
+    counts["sequence-split"] = _sequence_splits_to_split(graph, names)
     for node in list(graph.nodes):
         if not is_standard(node):
             continue
@@ -272,3 +273,46 @@ def _bypass(graph, node, source=None) -> int:
     node.inputs.clear()
     node.outputs.clear()
     return 1
+
+
+def _sequence_splits_to_split(graph, names) -> int:
+    """A SplitToSequence read only by SequenceAt at stored positions is a Split.
+
+    The dynamo exporter without its optimizer writes tensor.split([a, b, c]) that way;
+    each SequenceAt becomes an Identity of its piece, which the pass-through clean-up
+    then removes. Split takes its sizes as an input from opset 13.
+    """
+    count = 0
+    outputs = {id(t) for t in graph.outputs}
+    for node in list(graph.nodes):
+        sizes = _stored_split_sizes(node, graph.opset)
+        readers = node.outputs[0].outputs if sizes is not None else []
+        if not readers or id(node.outputs[0]) in outputs or not all(_reads_at(r, len(sizes)) for r in readers):
+            continue
+        pieces = [gs.Variable(names.fresh(f"{node.name}_{i}"), dtype=node.inputs[0].dtype) for i in range(len(sizes))]
+        for reader in readers[:]:
+            position = int(constant_values(reader.inputs[1]).reshape(-1)[0])
+            reader.op, reader.attrs = "Identity", {}
+            reader.inputs.clear()
+            reader.inputs.append(pieces[position])
+        node.op, node.attrs = "Split", {"axis": node.attrs.get("axis", 0)}
+        node.outputs.clear()
+        node.outputs.extend(pieces)
+        count += 1
+    return count
+
+
+def _stored_split_sizes(node, opset):
+    """The sizes a standard SplitToSequence splits into, when stored as a list; else None."""
+    if node.op != "SplitToSequence" or not is_standard(node) or opset < 13 or len(node.inputs) < 2:
+        return None
+    split = node.inputs[1]
+    if not is_constant(split) or constant_values(split).ndim != 1:
+        return None  # a scalar chunk size needs the input's shape to count the pieces
+    return constant_values(split).tolist()
+
+
+def _reads_at(reader, count) -> bool:
+    return (reader.op == "SequenceAt" and is_standard(reader) and is_constant(reader.inputs[1])
+            and constant_values(reader.inputs[1]).size == 1
+            and -count <= int(constant_values(reader.inputs[1]).reshape(-1)[0]) < count)

@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .engine import Engine
+from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_consumers
 from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
@@ -32,8 +33,9 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
+    passes = _selected_passes(only, skip)
     try:
-        return _optimize(model, rules, freeze_weight_inputs, started)
+        return _optimize(model, rules, freeze_weight_inputs, started, passes)
     except (OnnxfoldError, MemoryError):
         raise
     except Exception as error:
@@ -46,7 +48,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
                             f"({type(error).__name__})") from error
 
 
-def _optimize(model, rules, freeze_weight_inputs, started):
+def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     source = model
     frozen = _weight_inputs(model)
     if frozen and not freeze_weight_inputs and model.ir_version >= 4:
@@ -66,7 +68,7 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     engines = [Engine(g, rules, names) for g in scopes]
     normalized = None
     for scope, engine in zip(scopes, engines):
-        counts = _rewrite_to_fixpoint(scope, engine)
+        counts = _rewrite_to_fixpoint(scope, engine, passes)
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     rewrites = [r for e in engines for r in e.rewrites]
@@ -81,7 +83,7 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     release_all([*imported, *constants_of(graph)])
     report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
                     normalized=normalized, rewrites=rewrites, misses=misses,
-                    rules=[rule.name for rule in rules], frozen_inputs=frozen,
+                    rules=[rule.name for rule in rules] + [name for name, _ in passes], frozen_inputs=frozen,
                     warnings=_format_warnings(source, optimized, frozen))
     return optimized, report
 
@@ -112,14 +114,15 @@ def _check_output(source, optimized) -> None:
         raise RuntimeError(f"{judge} rejects the optimized model ({found[judge]}); it accepts the input")
 
 
-def _rewrite_to_fixpoint(graph, engine) -> dict:
-    """Rules and clean-ups in turn until neither changes the graph; the clean-up counts."""
+def _rewrite_to_fixpoint(graph, engine, passes=()) -> dict:
+    """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts."""
     normalized = normalize(graph, engine.names)
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
+        passed = sum(run(graph, engine) for _, run in passes)
         again = normalize(graph, engine.names)
         normalized = {key: normalized[key] + again[key] for key in normalized}
-        if not any(again.values()):
+        if not passed and not any(again.values()):
             return normalized
 
 
@@ -144,9 +147,18 @@ def _without_inputs(model, names) -> onnx.ModelProto:
     return copy
 
 
+# Folds a rule file cannot express (linear_consumers.py says why), named like rules.
+PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers}
+
+
+def _selected_passes(only, skip) -> list:
+    return [(name, run) for name, run in PASSES.items()
+            if (not only or name in only) and name not in (skip or [])]
+
+
 def select_rules(rules, only=None, skip=None) -> list:
     """The rules to run, after --only and --skip; an unknown name is an error."""
-    known = {rule.name for rule in rules}
+    known = {rule.name for rule in rules} | set(PASSES)
     for name in [*(only or []), *(skip or [])]:
         if name not in known:
             raise OnnxfoldError(f"unknown rule '{name}' (see 'onnxfold rules')")

@@ -376,3 +376,44 @@ def smaller_gemm_product(first_output, second_output):
         rows, columns = matrix
         shapes.append((columns, rows) if attributes(node)["transB"] else (rows, columns))
     return _product_cost(shapes[0][0], shapes[0][1], shapes[1][1])
+
+
+# --- BatchNormalization around Linear layers -------------------------------------------------
+
+@predicate
+def flattens_to_rows(flatten_output):
+    """Flatten at the last axis: [..., N] becomes [rows, N], every element in its column."""
+    node = _node(flatten_output)
+    rank = rank_of(node.inputs[0])
+    if rank is None:
+        raise CannotTell(f"the rank of '{node.inputs[0].name}' is not known")
+    axis = node.attrs.get("axis", 1)  # the ONNX default
+    if (axis + rank if axis < 0 else axis) != rank - 1:
+        return f"'{node.name}' flattens at axis {axis} of a rank-{rank} tensor: the features do not stay one axis"
+    return None
+
+
+def _perm(transpose_output):
+    node = _node(transpose_output)
+    rank = rank_of(node.inputs[0])
+    if rank is None:
+        raise CannotTell(f"the rank of '{node.inputs[0].name}' is not known")
+    return node, list(node.attrs.get("perm", range(rank - 1, -1, -1)))  # the ONNX default reverses
+
+
+@predicate
+def features_to_channels(transpose_output):
+    """A Transpose that puts the last axis (a MatMul's features) on axis 1, the BN's channels."""
+    node, perm = _perm(transpose_output)
+    if len(perm) < 2 or perm[1] != len(perm) - 1:
+        return f"'{node.name}' (perm {perm}) does not move the last axis, the features, to axis 1"
+    return None
+
+
+@predicate
+def transposes_cancel(first_output, second_output):
+    """Two Transposes that together move nothing."""
+    (first, p1), (second, p2) = _perm(first_output), _perm(second_output)
+    if transforms.compose_perms(p1, p2) != list(range(len(p1))):
+        return f"'{first.name}' (perm {p1}) and '{second.name}' (perm {p2}) do not cancel"
+    return None

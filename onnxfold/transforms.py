@@ -296,3 +296,31 @@ def gemm_as_matmul(B, C, alpha, gemm_beta, trans_b):
     weight = (B.T if trans_b else B) * alpha
     bias = None if C is None else np.asarray(C) * gemm_beta
     return weight, bias
+
+
+# --- BatchNormalization before a Linear ----------------------------------------------------
+
+@transform(stored=("B",))
+def fold_bn_into_next_gemm(B, C, gamma, beta, mean, var, epsilon, alpha, gemm_beta, trans_b):
+    """BN over the K input features, then Gemm: scale the rows of op(B) by s; the shift
+    reaches the output as alpha*t.op(B), so C' = beta*C + alpha*t.op(B) (beta becomes 1).
+
+    alpha*(A.diag(s) + t)op(B) + beta*C = alpha*A.(diag(s)op(B)) + (alpha*t.op(B) + beta*C).
+    """
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, epsilon)
+    scaled = B * (scale[None, :] if trans_b else scale[:, None])
+    carried = alpha * (shift @ (B.T if trans_b else B))
+    return scaled, carried if C is None else gemm_beta * C + carried
+
+
+@transform(stored=("W",))
+def fold_bn_into_next_matmul(W, C, gamma, beta, mean, var, epsilon):
+    """BN over the K input features, then MatMul(., W) (+ C): W' = diag(s).W, C' = C + t.W."""
+    return fold_bn_into_next_gemm(W, C, gamma, beta, mean, var, epsilon, 1.0, 1.0, False)
+
+
+
+@transform
+def compose_perms(first, second):
+    """Transpose(Transpose(x, first), second) = Transpose(x, p) with p[i] = first[second[i]]."""
+    return [int(first[axis]) for axis in second]

@@ -17,6 +17,7 @@ adding a block never changes the weights of another.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -594,6 +595,131 @@ def mobileone_net():
     ), 16)
 
 
+# ---- BatchNorm around Linear layers (LeViT, efficient-ViT heads, hybrid nets) ----------
+
+
+def linear_from(weight, bias):
+    """A fresh Linear holding the given (float64) weight [out, in] and bias as float32."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight.float())
+        linear.bias.copy_(bias.float())
+    return linear
+
+
+def fuse_bn_linear(bn, linear):
+    """BN -> Linear (always exact, no padding): W' = W diag(s), b' = b + W t."""
+    s, t = bn_scale_shift(bn)
+    w = linear.weight.double()
+    return w * s[None, :], bias_or_zeros(linear.bias, w.shape[0]) + w @ t
+
+
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: Linear (no bias in LeViT) on [B, N, C], BatchNorm1d on the
+    flattened tokens, reshaped back."""
+
+    def __init__(self, a, b, bias=False):
+        super().__init__()
+        self.c = nn.Linear(a, b, bias=bias)
+        self.bn = nn.BatchNorm1d(b)
+
+    def forward(self, x):
+        x = self.c(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    def reparameterize(self):
+        return linear_from(*fuse_linear_bn(self.c, self.bn))
+
+
+class LeViTBlock(nn.Module):
+    """LeViT attention (qkv and proj are Linear_BN) and MLP (Linear_BN with a bias, then
+    without), each with a residual. The oracle replaces every Linear_BN by one Linear."""
+
+    def __init__(self, dim=16, key_dim=4, heads=2, attn_ratio=2):
+        super().__init__()
+        self.heads, self.key_dim, self.d = heads, key_dim, attn_ratio * key_dim
+        self.qkv = LinearBN(dim, heads * (2 * key_dim + self.d))
+        self.proj = LinearBN(heads * self.d, dim)
+        self.mlp_in = LinearBN(dim, 2 * dim, bias=True)
+        self.mlp_out = LinearBN(2 * dim, dim)
+        self.scale = key_dim ** -0.5
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, self.heads, -1)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.d], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        x = x + self.proj(F.hardswish((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+        return x + self.mlp_out(F.hardswish(self.mlp_in(x)))
+
+    def reparameterize(self):
+        twin = copy.deepcopy(self)
+        for name in ("qkv", "proj", "mlp_in", "mlp_out"):
+            setattr(twin, name, getattr(self, name).reparameterize())
+        return twin
+
+
+class BNHead(nn.Module):
+    """Efficient-ViT classifier head: conv stem -> global pool -> flatten -> BatchNorm1d ->
+    Linear (LeViT's BN_Linear). The oracle folds the BN into the Linear's columns."""
+
+    def __init__(self, c=16, classes=10):
+        super().__init__()
+        self.stem = ConvBN(3, c, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm1d(c)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.flatten(self.pool(F.relu(self.stem(x))), 1)))
+
+    def reparameterize(self):
+        return nn.Sequential(self.stem.reparameterize(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(1), linear_from(*fuse_bn_linear(self.bn, self.head)))
+
+
+class HybridBlock(nn.Module):
+    """Hybrid conv/attention stage: residual dw conv-BN, then a pre-norm BatchNorm2d on
+    the residual sum flattened to tokens for separate q, k, v Linears, attention, a
+    projection added back; a BatchNorm2d -> spatial mean -> Linear head. The oracle folds
+    each BN into every Linear that reads it."""
+
+    def __init__(self, c=16, heads=2, classes=10):
+        super().__init__()
+        self.heads = heads
+        self.mixer = ConvBN(c, c, 3, padding=1, groups=c)
+        self.norm = nn.BatchNorm2d(c)
+        self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.proj = nn.Linear(c, c)
+        self.head_norm = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, classes)
+
+    def attend(self, tokens):
+        b, n, c = tokens.shape
+        split = [f(tokens).reshape(b, n, self.heads, -1).transpose(1, 2)
+                 for f in (self.q, self.k, self.v)]
+        q, k, v = split
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x):
+        x = x + self.mixer(x)
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        x = x + self.attend(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return self.head(self.head_norm(x).mean((2, 3)))
+
+    def reparameterize(self):
+        twin = copy.deepcopy(self)
+        twin.mixer = self.mixer.reparameterize()
+        twin.norm, twin.head_norm = nn.Identity(), nn.Identity()
+        for name in ("q", "k", "v"):
+            setattr(twin, name, linear_from(*fuse_bn_linear(self.norm, getattr(self, name))))
+        twin.head = linear_from(*fuse_bn_linear(self.head_norm, self.head))
+        return twin
+
+
 # --------------------------------------------------------------------------------------
 # The catalogue: block name -> (constructor, input shape, notes, traps or None)
 # --------------------------------------------------------------------------------------
@@ -671,6 +797,17 @@ BLOCKS = {
                       "Small MobileOne network: stem (3->8, s2, one 3x3 branch + 1x1 scale) + 3 "
                       "dw/pw block pairs (dw stride s1, s2, s2; 2 conv branches each; BN skip "
                       "where shapes allow), global average pool, Linear(16->10).", None),
+    "levit_block": (LeViTBlock, [2, 8, 16],
+                    "LeViT block: attention with Linear_BN qkv and proj (Linear without bias -> "
+                    "flatten(0, 1) -> BatchNorm1d -> reshape back), Hardswish, MLP of Linear_BN "
+                    "(the first with a bias), residual Adds.", None),
+    "bn_head": (BNHead, [1, 3, 16, 16],
+                "Efficient-ViT head: conv-BN-ReLU stem, AdaptiveAvgPool2d(1), flatten, "
+                "BatchNorm1d, Linear(16->10).", None),
+    "hybrid_block": (HybridBlock, [1, 16, 4, 4],
+                     "Hybrid stage: x + dw conv-BN(x); BatchNorm2d(x) flattened to tokens feeds "
+                     "separate q, k, v Linears; attention; proj added back; BatchNorm2d -> "
+                     "mean over H, W -> Linear head.", None),
 }
 
 

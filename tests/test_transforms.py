@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -302,6 +303,8 @@ def _stored_type_examples(rng):
         "avgpool_branch": (W, [3, 3], [1, 1, 1, 1]),
         "ungroup": (rng.normal(size=(6, 2, 3, 3)), 3),
         "add_conv_branches": (W, B, [1] * 4, W[:, :, :1, :1].copy(), None, [0] * 4, [1, 1]),
+        "fold_bn_into_next_gemm": (rng.normal(size=(5, 6)), rng.normal(size=5), *bn.values(), 1e-5, 0.5, 2.0, True),
+        "fold_bn_into_next_matmul": (rng.normal(size=(6, 5)), rng.normal(size=5), *bn.values(), 1e-5),
     }
 
 
@@ -329,3 +332,15 @@ def test_weights_in_their_stored_type_give_bit_identical_folds():
 
 def _as_tuple(result):
     return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_bn_before_a_gemm_moves_into_its_rows_and_bias(trans_b):
+    """alpha*BN(x).op(B) + beta*C == alpha*x.op(B') + C' (beta 1), for every input x."""
+    rng = np.random.default_rng(3)
+    bn = bn_params(rng, 4)
+    B, C, x = rng.normal(size=(5, 4) if trans_b else (4, 5)), rng.normal(size=(3, 5)), rng.normal(size=(3, 4))
+    scale, shift = transforms.bn_scale_shift(*bn.values(), 1e-5)
+    op = (lambda M: M.T) if trans_b else (lambda M: M)
+    B2, C2 = transforms.fold_bn_into_next_gemm(B, C, *bn.values(), 1e-5, 0.5, 2.0, trans_b)
+    np.testing.assert_allclose(0.5 * x @ op(B2) + C2, 0.5 * (x * scale + shift) @ op(B) + 2.0 * C, rtol=1e-12)
