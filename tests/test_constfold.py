@@ -230,3 +230,23 @@ def test_a_graph_output_computed_from_constants_stays_a_node():
     optimized, _ = optimize(model)
     assert op_counts(optimized) == {"Mul": 1, "Relu": 1}
     _same_at(model, optimized, [(2,)])
+
+
+def test_a_constant_read_only_inside_a_branch_is_folded_in_the_outer_graph():
+    """The outer Mul's only reader is a node of a branch: it is still a frontier value."""
+    branches = [helper.make_graph([helper.make_node(op, ["x", "ab"], [name])], name, [],
+                                  [helper.make_tensor_value_info(name, F, [4])])
+                for op, name in (("Add", "t"), ("Sub", "e"))]
+    nodes = [helper.make_node("Mul", ["a", "b"], ["ab"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=branches[0], else_branch=branches[1])]
+    weights = [numpy_helper.from_array(np.float32([1, 2, 3, 4]), "a"),
+               numpy_helper.from_array(np.float32([2, 2, 2, 2]), "b"), numpy_helper.from_array(np.float32(0), "zero")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [4])],
+                   [helper.make_tensor_value_info("y", F, [4])], weights)
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"ReduceSum": 1, "Greater": 1, "If": 1}
+    for values in ([1, 1, 1, 1], [-1, -1, -1, -1]):
+        feeds = {"x": np.float32(values)}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
