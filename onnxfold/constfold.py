@@ -43,12 +43,11 @@ def fold_constants(graph) -> int:
     """Fold static shapes and constant subgraphs of one graph; return the nodes removed."""
     before = len(graph.nodes)
     _cast_like_to_cast(graph)
-    _fold_static_shapes(graph)
-    graph.cleanup()
+    changed = _fold_static_shapes(graph)
     excluded: set = set()
     while True:
         nodes, frontier = _select(graph, excluded)
-        if not nodes:
+        if not frontier:  # nothing, or only nodes no one reads: normalize's clean-up drops them
             break
         values = _evaluate(graph, nodes, frontier)
         if values is None:
@@ -58,8 +57,10 @@ def fold_constants(graph) -> int:
             excluded |= {id(t.inputs[0]) for t in too_big}
             continue
         _replace(nodes, frontier, values)
+        changed = True
         break
-    graph.cleanup()
+    if changed:  # a clean-up costs a walk of the whole graph: only when there is something
+        graph.cleanup()
     return before - len(graph.nodes)
 
 
@@ -78,10 +79,11 @@ def _warn(graph, message) -> None:
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze"}
 
 
-def _fold_static_shapes(graph) -> None:
+def _fold_static_shapes(graph) -> bool:
     """Values computed from static dims become constants, even where the shape they are
-    read from has dynamic dims (Gather of a static dim of Shape(x))."""
+    read from has dynamic dims (Gather of a static dim of Shape(x)); True if any did."""
     known: dict = {}
+    folded = False
     outputs = {id(t) for t in graph.outputs}
     for node in list(graph.nodes):
         if node.op not in _SHAPE_OPS or not is_standard(node) or len(node.outputs) != 1:
@@ -95,6 +97,8 @@ def _fold_static_shapes(graph) -> None:
         dims, scalar = picked
         node.outputs.clear()
         result.to_constant(np.asarray(dims[0] if scalar else dims, dtype=np.int64))
+        folded = True
+    return folded
 
 
 def _picked(tensor, known):
@@ -242,7 +246,7 @@ def _constant_nodes(graph, excluded) -> list:
 
 
 def _may_fold(node) -> bool:
-    return bool(node.inputs) and node.op != "Constant" and node.op not in _RANDOM and \
+    return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and node.op not in _RANDOM and \
         is_standard(node) and next(node.subgraphs(), None) is None
 
 
@@ -262,11 +266,15 @@ def _foldable_value(graph, tensor, nodes) -> bool:
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return True  # checked once evaluated
-    return math.prod(shape) * np.dtype(tensor.dtype).itemsize <= _budget(tensor, nodes)
+    return _within_budget(math.prod(shape) * np.dtype(tensor.dtype).itemsize, tensor, nodes)
 
 
 def _fits(tensor, array, nodes) -> bool:
-    return isinstance(array, np.ndarray) and array.nbytes <= _budget(tensor, nodes)
+    return isinstance(array, np.ndarray) and _within_budget(array.nbytes, tensor, nodes)
+
+
+def _within_budget(size, tensor, nodes) -> bool:
+    return size <= _SLACK or size <= _budget(tensor, nodes)  # most folds are small: no walk
 
 
 def _budget(tensor, nodes) -> int:
