@@ -49,9 +49,13 @@ def fold_constants(graph) -> int:
         nodes, frontier = _select(graph, excluded)
         if not frontier:  # nothing, or only nodes no one reads: normalize's clean-up drops them
             break
-        values = _evaluate(graph, nodes, frontier)
-        if values is None:
-            break
+        values = _evaluate(nodes, frontier, graph.opset)
+        if isinstance(values, Exception):  # one node onnxruntime cannot run keeps no other
+            failed = _failed_parts(graph, nodes, values)
+            if not failed:
+                break
+            excluded |= {id(n) for n in failed}
+            continue
         too_big = [t for t, array in zip(frontier, values) if not _fits(t, array, nodes)]
         if too_big:  # sizes inference did not know: leave those, evaluate the rest again
             excluded |= {id(t.inputs[0]) for t in too_big}
@@ -294,10 +298,10 @@ def _budget(tensor, nodes) -> int:
     return _GROWTH * sum(leaves.values()) + _SLACK
 
 
-def _evaluate(graph, nodes, frontier):
-    """The frontier's values, from one onnxruntime run of `nodes`; None on failure."""
+def _evaluate(nodes, frontier, opset):
+    """The frontier's values, from one onnxruntime run of `nodes`; the error on failure."""
     try:
-        model = _evaluation_model(graph, nodes, frontier)
+        model = _evaluation_model(nodes, frontier, opset)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4  # never print: a failure becomes a warning
@@ -307,11 +311,50 @@ def _evaluate(graph, nodes, frontier):
         run_options.log_severity_level = 4
         values = session.run([t.name for t in frontier], {}, run_options)
     except Exception as error:  # noqa: BLE001 - any failure leaves the nodes computed
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        _warn(graph, f"constant folding: onnxruntime could not evaluate {len(nodes)} constant nodes "
-                     f"of graph '{graph.name}' ({reason.split(' : ')[-1][:200]}); they stay computed")
-        return None
+        return error
     return [_typed(t, v) for t, v in zip(frontier, values)]
+
+
+def _failed_parts(graph, nodes, error) -> list:
+    """The nodes of the unconnected parts of a failed batch that fail alone too (each
+    reported), so that the others still fold; none if every part runs alone."""
+    parts = _parts(nodes)
+    if len(parts) == 1:
+        _warn_failure(graph, nodes, error)
+        return nodes
+    failed = []
+    for part in parts:
+        outcome = _evaluate(part, _frontier(graph, part), graph.opset)
+        if isinstance(outcome, Exception):
+            _warn_failure(graph, part, outcome)
+            failed += part
+    return failed
+
+
+def _parts(nodes) -> list:
+    """`nodes` split into groups that share no value, each in the order given."""
+    group = {id(n): id(n) for n in nodes}
+
+    def root(key):
+        while group[key] != key:
+            group[key] = group[group[key]]
+            key = group[key]
+        return key
+    for node in nodes:
+        for tensor in node.inputs:
+            if tensor.inputs and id(tensor.inputs[0]) in group:
+                group[root(id(tensor.inputs[0]))] = root(id(node))
+    parts: dict = {}
+    for node in nodes:
+        parts.setdefault(root(id(node)), []).append(node)
+    return list(parts.values())
+
+
+def _warn_failure(graph, nodes, error) -> None:
+    text = str(error).strip()
+    reason = text.splitlines()[0].split(" : ")[-1][:200] if text else type(error).__name__
+    _warn(graph, f"constant folding: onnxruntime could not evaluate {len(nodes)} constant nodes of graph "
+                 f"'{graph.name}' ({nodes[0].op} '{nodes[0].name}' first: {reason}); they stay computed")
 
 
 def _typed(tensor, value):
@@ -321,7 +364,7 @@ def _typed(tensor, value):
     return value
 
 
-def _evaluation_model(graph, nodes, frontier) -> onnx.ModelProto:
+def _evaluation_model(nodes, frontier, opset) -> onnx.ModelProto:
     leaves = {}
     for node in nodes:
         for tensor in node.inputs:
@@ -331,7 +374,7 @@ def _evaluation_model(graph, nodes, frontier) -> onnx.ModelProto:
     body = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "constants", [], outputs,
                                   [tensor_proto(t) for t in leaves.values()])
     return onnx.helper.make_model(body, ir_version=_IR_VERSION,
-                                  opset_imports=[onnx.helper.make_opsetid("", graph.opset)])
+                                  opset_imports=[onnx.helper.make_opsetid("", opset)])
 
 
 def _replace(nodes, frontier, values) -> None:

@@ -250,3 +250,15 @@ def test_a_constant_read_only_inside_a_branch_is_folded_in_the_outer_graph():
     for values in ([1, 1, 1, 1], [-1, -1, -1, -1]):
         feeds = {"x": np.float32(values)}
         np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def test_a_part_that_fails_keeps_no_other_part_from_folding():
+    failing = _failing_model()
+    graph = failing.graph
+    graph.node.extend([helper.make_node("Mul", ["c", "c"], ["cc"]), helper.make_node("Add", ["y", "cc"], ["z"])])
+    graph.initializer.append(numpy_helper.from_array(np.float32([3]), "c"))
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("z", F, [1]))
+    onnx.checker.check_model(failing, full_check=True)
+    optimized, report = optimize(failing)
+    assert op_counts(optimized) == {"Gather": 1, "Add": 2}
+    assert len(report.warnings) == 1 and "Gather 'Gather_0' first" in report.warnings[0], report.warnings
