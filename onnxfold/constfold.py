@@ -21,6 +21,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .graph import constant_size, is_constant, is_standard, onnx_type
+from .text import first_line
 from .weights import constant_values, tensor_proto
 
 # Ops whose output is not a function of their inputs. Dropout is never folded: in
@@ -351,8 +352,7 @@ def _parts(nodes) -> list:
 
 
 def _warn_failure(graph, nodes, error) -> None:
-    text = str(error).strip()
-    reason = text.splitlines()[0].split(" : ")[-1][:200] if text else type(error).__name__
+    reason = first_line(error).split(" : ")[-1][:200]  # onnxruntime's "[ONNXRuntimeError] : 2 : ..." cut
     _warn(graph, f"constant folding: onnxruntime could not evaluate {len(nodes)} constant nodes of graph "
                  f"'{graph.name}' ({nodes[0].op} '{nodes[0].name}' first: {reason}); they stay computed")
 
