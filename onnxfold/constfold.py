@@ -371,8 +371,10 @@ def _evaluation_model(nodes, frontier, opset) -> onnx.ModelProto:
             if tensor.name and is_constant(tensor):
                 leaves.setdefault(tensor.name, tensor)
     outputs = [onnx.helper.make_tensor_value_info(t.name, onnx_type(t.dtype), None) for t in frontier]
-    body = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "constants", [], outputs,
-                                  [tensor_proto(t) for t in leaves.values()])
+    protos = [OnnxExporter.export_node(n) for n in nodes]
+    for proto in protos:
+        proto.domain = ""  # "ai.onnx" is the same domain, and the only one imported here
+    body = onnx.helper.make_graph(protos, "constants", [], outputs, [tensor_proto(t) for t in leaves.values()])
     return onnx.helper.make_model(body, ir_version=_IR_VERSION,
                                   opset_imports=[onnx.helper.make_opsetid("", opset)])
 
