@@ -125,6 +125,8 @@ def _pick(tensor, known):
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or not is_standard(node) or node.op not in _SHAPE_OPS:
         return None
+    if node.op in ("Shape", "Size") and node.inputs[0].shape is None:
+        return None  # unknown rank: not even how many dims there are is known
     if node.op == "Shape":
         return _shape_dims(node), False
     if node.op == "Size":
@@ -151,12 +153,9 @@ def _pick(tensor, known):
     return None
 
 
-def _shape_dims(node, whole=False) -> list | None:
+def _shape_dims(node, whole=False) -> list:
     """The dims Shape reads (start and end honoured), each a size above 0 or None."""
-    shape = node.inputs[0].shape
-    if shape is None:
-        return [None]  # unknown rank: nothing is static, not even how many dims
-    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    dims = [d if isinstance(d, int) and d > 0 else None for d in node.inputs[0].shape]
     if whole:
         return dims
     return dims[slice(node.attrs.get("start", 0), node.attrs.get("end", None))]
@@ -175,27 +174,34 @@ def _slice(node, dims, scalar):
     if scalar:
         return None
     if len(node.inputs) == 1:  # before opset 10, the parameters are attributes
-        params = [node.attrs.get(k) for k in ("starts", "ends", "axes")] + [[1]]
+        params = [node.attrs.get(k) for k in ("starts", "ends", "axes")] + [None]
     else:
-        params = [_small_ints(t).reshape(-1).tolist() if t.name and _small_ints(t) is not None else False
-                  for t in node.inputs[1:]]
-        params += [None] * (4 - len(params))
-        if False in params:
-            return None
+        params = [_optional_ints(t) for t in node.inputs[1:]] + [None] * (5 - len(node.inputs))
+    if _UNKNOWN in params:
+        return None
     starts, ends, axes, steps = params
     steps = steps or [1]
-    if len(starts) != 1 or len(ends) != 1 or axes not in (None, [0], [-1]) or steps[0] == 0:
+    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1 or \
+            axes not in (None, [0], [-1]) or steps[0] == 0:
         return None
     return dims[slice(starts[0], ends[0], steps[0])], False
+
+
+_UNKNOWN = "unknown"  # a parameter that is given but not a small integer constant
+
+
+def _optional_ints(tensor):
+    """An optional input's values as a list: None where omitted, else _UNKNOWN if not known."""
+    if not tensor.name:
+        return None
+    values = _small_ints(tensor)
+    return _UNKNOWN if values is None else values.reshape(-1).tolist()
 
 
 def _axes(node):
     if "axes" in node.attrs:
         return list(node.attrs["axes"])
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        values = _small_ints(node.inputs[1])
-        return None if values is None else values.reshape(-1).tolist()
-    return None
+    return _optional_ints(node.inputs[1]) if len(node.inputs) > 1 else None
 
 
 def _small_ints(tensor):

@@ -262,3 +262,31 @@ def test_a_part_that_fails_keeps_no_other_part_from_folding():
     optimized, report = optimize(failing)
     assert op_counts(optimized) == {"Gather": 1, "Add": 2}
     assert len(report.warnings) == 1 and "Gather 'Gather_0' first" in report.warnings[0], report.warnings
+
+
+def test_shape_of_unknown_rank_and_slices_with_omitted_or_computed_parameters():
+    """Concat(Shape(r) of unknown rank, [5]) then Gather(1): the 5 is not at index 1 unless
+    r has rank 1. A Slice whose steps are computed, not constant, is not read either."""
+    nodes = [helper.make_node("Reshape", ["x", "target"], ["r"]),  # of a rank no one knows
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Concat", ["s", "five"], ["sf"], axis=0),
+             helper.make_node("Gather", ["sf", "one"], ["picked"], axis=0),
+             helper.make_node("Shape", ["z"], ["zs"]),
+             helper.make_node("Slice", ["zs", "zero1", "two1", "", "step"], ["hw"]),
+             helper.make_node("Cast", ["picked"], ["pf"], to=F),
+             helper.make_node("Add", ["z", "pf"], ["y0"]),
+             helper.make_node("ReduceSum", ["hw"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["tf"], to=F),
+             helper.make_node("Add", ["y0", "tf"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64([5]), "five"), numpy_helper.from_array(np.int64(1), "one"),
+               numpy_helper.from_array(np.int64([0]), "zero1"), numpy_helper.from_array(np.int64([2]), "two1")]
+    inputs = [helper.make_tensor_value_info("x", F, [4]), helper.make_tensor_value_info("target", I64, ["k"]),
+              helper.make_tensor_value_info("z", F, [2, 3]),
+              helper.make_tensor_value_info("step", I64, [1])]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", F, [2, 3])], weights)
+    optimized, _ = optimize(model)
+    assert op_counts(optimized)["Gather"] == 1 and op_counts(optimized)["Slice"] == 1
+    for target, step in (([4], [1]), ([2, 2], [-1])):
+        feeds = {"x": np.ones(4, np.float32), "target": np.int64(target), "z": np.zeros((2, 3), np.float32),
+                 "step": np.int64(step)}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
