@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
@@ -40,11 +41,14 @@ _IR_VERSION = 11  # any opset from 7 on; float4 needs 11
 _WARNINGS = "_onnxfold_fold_warnings"
 
 
-def fold_constants(graph) -> int:
-    """Fold static shapes and constant subgraphs of one graph; return the nodes removed."""
+def fold_constants(graph, names) -> int:
+    """Fold static shapes and constant subgraphs of one graph; return the nodes removed.
+
+    `names` (a NameSource) names the new constants."""
     before = len(graph.nodes)
     _cast_like_to_cast(graph)
     changed = _fold_static_shapes(graph)
+    changed = _static_reshape_targets(graph, names) or changed
     excluded: set = set()
     while True:
         nodes, frontier = _select(graph, excluded)
@@ -104,6 +108,39 @@ def _fold_static_shapes(graph) -> bool:
         result.to_constant(np.asarray(dims[0] if scalar else dims, dtype=np.int64))
         folded = True
     return folded
+
+
+def _static_reshape_targets(graph, names) -> bool:
+    """A Reshape to a computed shape of which all dims but one are known becomes a Reshape
+    to a constant, -1 for that one dim: the shape arithmetic feeding it (Shape -> Gather ->
+    Concat of a dynamic batch, as exporters write `x.view(B, H, W, C)`) goes. The dims are
+    known from the target's own values (static picks) or from the inferred result shape."""
+    known: dict = {}
+    folded = False
+    for node in graph.nodes:
+        if node.op != "Reshape" or not is_standard(node) or is_constant(node.inputs[1]):
+            continue
+        target = _known_but_one(_picked(node.inputs[1], known)) or _known_but_one(_result_dims(node))
+        if target is not None:
+            node.inputs[1] = gs.Constant(names.fresh(f"{node.name}_shape"), np.asarray(target, dtype=np.int64))
+            folded = True
+    return folded
+
+
+def _result_dims(node):
+    shape = node.outputs[0].shape
+    return None if shape is None else ([d if isinstance(d, int) and d > 0 else None for d in shape], False)
+
+
+def _known_but_one(picked):
+    """The dims with -1 for the one unknown, when all others are sizes above 0 (a 0 copies
+    an input dim, maybe 0 itself, with which -1 could not be resolved)."""
+    if picked is None or picked[1]:
+        return None
+    dims = picked[0]
+    if dims.count(None) != 1 or any(d is not None and d <= 0 for d in dims):
+        return None
+    return [-1 if d is None else d for d in dims]
 
 
 def _picked(tensor, known):

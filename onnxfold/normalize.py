@@ -31,7 +31,7 @@ def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
     name_nodes(graph, names)
     counts = dict.fromkeys(_COUNTS, 0)
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
-    counts["constant-subgraphs"] = fold_constants(graph)
+    counts["constant-subgraphs"] = fold_constants(graph, names)
     counts["constant-if"] = _inline_constant_ifs(graph, names)
     for node in list(graph.nodes):
         if not is_standard(node):

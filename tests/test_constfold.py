@@ -290,3 +290,37 @@ def test_shape_of_unknown_rank_and_slices_with_omitted_or_computed_parameters():
         feeds = {"x": np.ones(4, np.float32), "target": np.int64(target), "z": np.zeros((2, 3), np.float32),
                  "step": np.int64(step)}
         np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def _batch_reshape(rest, dims=("batch", 4, 6)):
+    """x.view(B, *rest) with B read from x's dynamic batch dim."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64(0), "zero"), numpy_helper.from_array(np.int64([0]), "axes"),
+               numpy_helper.from_array(np.int64(rest), "rest")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, list(dims))],
+                  [helper.make_tensor_value_info("y", F, ["batch"] + ["d"] * len(rest))], weights)
+
+
+def test_a_reshape_to_a_batch_read_from_the_input_gets_a_constant_target():
+    model = _batch_reshape([2, 12])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Reshape": 1}
+    np.testing.assert_array_equal(numpy_helper.to_array(optimized.graph.initializer[0]), [-1, 2, 12])
+    _same_at(model, optimized, [(1, 4, 6), (3, 4, 6)])
+    empty = {"x": np.zeros((0, 4, 6), np.float32)}
+    assert run(optimized, empty)["y"].shape == run(model, empty)["y"].shape == (0, 2, 12)
+
+
+def test_a_reshape_target_with_a_copied_dim_keeps_its_arithmetic():
+    """A 0 copies an input dim, here a dynamic one that may be 0 itself: -1 could then not
+    be resolved."""
+    model = _batch_reshape([0, 6], dims=("batch", "t", 6))
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == op_counts(model)
+    _same_at(model, optimized, [(1, 4, 6), (3, 2, 6)])
+    empty = {"x": np.zeros((2, 0, 6), np.float32)}
+    assert run(optimized, empty)["y"].shape == run(model, empty)["y"].shape == (2, 0, 6)
