@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, is_constant, is_standard, is_static, onnx_type, producer
+from .constfold import fold_constants
+from .graph import attributes, is_constant, is_standard, is_static, producer
 from .names import NameSource, name_nodes
-from .weights import constant_values, read_in
+from .weights import constant_values
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
 _COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
@@ -30,7 +31,7 @@ def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
     name_nodes(graph, names)
     counts = dict.fromkeys(_COUNTS, 0)
     counts["constant-nodes"] = _constant_nodes_to_weights(graph)
-    counts["constant-subgraphs"] = _fold_constant_subgraphs(graph)
+    counts["constant-subgraphs"] = fold_constants(graph, names)
     counts["constant-if"] = _inline_constant_ifs(graph, names)
     counts["sequence-split"] = _sequence_splits_to_split(graph, names)
     for node in list(graph.nodes):
@@ -74,29 +75,6 @@ def _constant_node_values(node):
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
     return None  # sparse or string constants are left as they are
-
-
-def _fold_constant_subgraphs(graph) -> int:
-    """Evaluate what only depends on constants and static shapes.
-
-    onnx-graphsurgeon runs the foldable part in onnxruntime; it is only called when there
-    is something to fold, since it copies the graph to do it.
-    """
-    before = len(graph.nodes)
-    _cast_like_to_cast(graph)
-    _static_shapes(graph)
-    foldable = [node for node in graph.nodes if _foldable(node)]
-    if foldable:
-        read_in(tensor for node in foldable for tensor in node.inputs)  # for onnxruntime
-        # fold_shapes=False: graph-surgeon's shape folding ignores Shape's start/end and
-        # elides casts in integer arithmetic; static shapes are folded above instead.
-        # flatten_subgraphs=False: graph-surgeon's inlining of an If loses a branch output
-        # that is an outer value, a constant or also read inside the branch; the If is
-        # inlined by _inline_constant_ifs instead.
-        graph.fold_constants(fold_shapes=False, error_ok=True, should_exclude_node=_never_fold,
-                             size_threshold=_FOLD_SIZE_LIMIT, flatten_subgraphs=False)
-    graph.cleanup()
-    return before - len(graph.nodes)
 
 
 def _inline_constant_ifs(graph, names) -> int:
@@ -154,50 +132,6 @@ def _detach(graph) -> None:
         node.inputs.clear()
         node.outputs.clear()
     graph.nodes, graph.inputs, graph.outputs = [], [], []
-
-
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-           "Bernoulli"}
-_FOLD_SIZE_LIMIT = 1 << 24  # bytes: a folded constant bigger than this stays computed
-
-
-def _never_fold(node) -> bool:
-    """Nodes whose output is not a function of their inputs (random draws, MC dropout)."""
-    return node.op in _RANDOM or (node.op == "Dropout" and not _is_pass_through(node))
-
-
-def _foldable(node) -> bool:
-    return bool(node.inputs) and node.op != "Constant" and not _never_fold(node) and \
-        is_standard(node) and all(is_constant(t) or t.name == "" for t in node.inputs)
-
-
-def _static_shapes(graph) -> None:
-    """Shape(x) of a statically shaped x is a constant (start and end honoured)."""
-    for node in graph.nodes:
-        if node.op != "Shape" or not is_standard(node):
-            continue
-        shape = node.inputs[0].shape
-        if not is_static(shape):
-            continue
-        rank = len(shape)
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
-        values = np.asarray(shape[slice(start, end)], dtype=np.int64)
-        result = node.outputs[0]
-        node.inputs.clear()
-        node.outputs.clear()
-        result.to_constant(values)
-
-
-def _cast_like_to_cast(graph) -> None:
-    """CastLike(constant, x) with x's type known is Cast(constant, to=that type), a constant
-    subgraph: onnxruntime then folds it with ONNX's own rounding and saturation, which
-    numpy's astype does not follow for float8 and int4 (the dynamo exporter's habit)."""
-    for node in graph.nodes:
-        if node.op != "CastLike" or not is_standard(node) or not is_constant(node.inputs[0]) or node.inputs[1].dtype is None:
-            continue
-        saturate = {key: value for key, value in node.attrs.items() if key == "saturate"}
-        node.op, node.attrs = "Cast", {"to": onnx_type(node.inputs[1].dtype), **saturate}
-        del node.inputs[1]
 
 
 def _is_identity_reshape(node) -> bool:

@@ -7,6 +7,7 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
+from .constfold import fold_warnings
 from .engine import Engine
 from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_consumers
 from .names import NameSource
@@ -84,7 +85,8 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     report = Report(before=before, after=model_stats(optimized), seconds=time.perf_counter() - started,
                     normalized=normalized, rewrites=rewrites, misses=misses,
                     rules=[rule.name for rule in rules] + [name for name, _ in passes], frozen_inputs=frozen,
-                    warnings=_format_warnings(source, optimized, frozen))
+                    warnings=_format_warnings(source, optimized, frozen) +
+                    [line for scope in scopes for line in fold_warnings(scope)])
     return optimized, report
 
 

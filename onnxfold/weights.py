@@ -59,20 +59,6 @@ def _dense_values(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
-def _is_in_file(tensor) -> bool:
-    """A constant whose values are still in the model's file (references.py)."""
-    stored = getattr(tensor, "_values", None)
-    return type(stored) is LazyValues and is_reference(stored.tensor)
-
-
-def read_in(tensors) -> None:
-    """Hold the values of those of `tensors` still in the model's file as arrays: for
-    onnxruntime, which cannot read onnxfold's references."""
-    for tensor in tensors:
-        if _is_in_file(tensor):
-            tensor.values = constant_values(tensor)
-
-
 def set_numpy_type(constant, numpy_type) -> None:
     """Give a constant of a type numpy lacks (bfloat16, float8, ...) its ml_dtypes type:
     `Constant.dtype` reads it from the stored values."""
@@ -147,3 +133,18 @@ def write_weight(constant, graph: onnx.GraphProto) -> None:
     proto.dims.extend(array.shape)
     proto.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     constant.values = LazyValues(proto)
+
+
+def tensor_proto(constant) -> onnx.TensorProto:
+    """The constant as a TensorProto with its values in it (a weight still in the model's
+    file read in), named as the constant: for a model onnxruntime runs from memory."""
+    stored = constant._values  # noqa: SLF001
+    if isinstance(stored, LazyValues) and not is_reference(stored.tensor):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(stored.tensor)
+    elif constant.export_dtype != constant.dtype and not isinstance(stored, SparseValues):
+        proto = OnnxExporter.export_tensor_proto(constant)  # a type numpy lacks
+    else:
+        proto = onnx.numpy_helper.from_array(np.asarray(constant_values(constant)))
+    proto.name = constant.name
+    return proto

@@ -1,0 +1,326 @@
+"""onnxfold's constant evaluator (constfold.py): static shape picks and constant subgraphs
+folded by onnxruntime; sizes bounded, random and dynamic values left computed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfold import optimize
+
+from .helpers import assert_same_function, op_counts, run
+
+F, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def _model(nodes, inputs, outputs, weights=(), opset=18, ir=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(weights))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _same_at(model, optimized, shapes):
+    """Parity at several input shapes: a dim that is dynamic must stay dynamic."""
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        assert_same_function(model, optimized, feeds={"x": rng.normal(size=shape).astype(np.float32)})
+
+
+def _levit_bias(tmp_path):
+    """LeViT's attention bias as the dynamo exporter writes it: a table gathered by an
+    index tensor over 4 KiB, a chain of constants whose inner weight no node of it reads
+    from constants alone (graph-surgeon's fold reached it as a file reference)."""
+    n, heads = 49, 4
+    position = np.stack(np.meshgrid(np.arange(7), np.arange(7), indexing="ij")).reshape(2, -1)
+    offset = np.abs(position[:, :, None] - position[:, None, :])
+    idx = (offset[0] * 7 + offset[1]).astype(np.int64)
+    weights = [numpy_helper.from_array(idx, "idx"), numpy_helper.from_array(np.int64([-1]), "axis"),
+               numpy_helper.from_array(np.random.default_rng(0).normal(size=(n, heads)).astype(np.float32), "table")]
+    nodes = [helper.make_node("Unsqueeze", ["idx", "axis"], ["idx3"]),
+             helper.make_node("GatherND", ["table", "idx3"], ["gathered"]),
+             helper.make_node("Transpose", ["gathered"], ["bias"], perm=[2, 0, 1]),
+             helper.make_node("Add", ["x", "bias"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", heads, n, n])],
+                   [helper.make_tensor_value_info("y", F, ["b", heads, n, n])], weights)
+    path = tmp_path / "levit_bias.onnx"
+    onnx.save(model, str(path))
+    return model, path
+
+
+def test_levit_bias_chain_with_weights_in_the_file_folds(tmp_path, capfd):
+    model, path = _levit_bias(tmp_path)
+    optimized, report = optimize(path)
+    assert op_counts(optimized) == {"Add": 1}
+    assert report.warnings == [] and report.normalized["constant-subgraphs"] == 3
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # no library log line
+    _same_at(model, optimized, [(1, 4, 49, 49), (2, 4, 49, 49)])
+
+
+def _failing_model():
+    """A valid model whose constant Gather reads past its table: onnxruntime fails to
+    evaluate it (as it would at run time)."""
+    nodes = [helper.make_node("Gather", ["table", "index"], ["picked"]),
+             helper.make_node("Add", ["x", "picked"], ["y"])]
+    weights = [numpy_helper.from_array(np.float32([1, 2, 3]), "table"),
+               numpy_helper.from_array(np.int64([5]), "index")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [1])],
+                  [helper.make_tensor_value_info("y", F, [1])], weights)
+
+
+def test_failed_evaluation_is_a_warning_in_onnxfolds_words_not_a_log_line(tmp_path):
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_failing_model(), str(source))
+    done = subprocess.run([sys.executable, "-m", "onnxfold", "optimize", "-q", str(source), str(target)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxfold: warning: constant folding: onnxruntime could not "
+                                                   "evaluate 1 constant nodes"), done.stderr
+    assert op_counts(onnx.load(str(target))) == {"Gather": 1, "Add": 1}
+
+
+def test_a_constant_of_shape_that_would_write_megabytes_stays():
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=numpy_helper.from_array(np.float32([1]))),
+             helper.make_node("Add", ["x", "big"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 1])],
+                   [helper.make_tensor_value_info("y", F, [1024, 1024])],
+                   [numpy_helper.from_array(np.int64([1024, 1024]), "shape")])
+    optimized, report = optimize(model)
+    assert "ConstantOfShape" in op_counts(optimized)
+    assert report.normalized["constant-subgraphs"] == 0
+    _same_at(model, optimized, [(1, 1)])
+
+
+def test_an_expand_whose_size_inference_does_not_know_is_checked_once_evaluated():
+    """The target shape comes from a Concat of constants inference cannot read (no data
+    propagation through Abs): the size is known only after evaluating, and it is too big."""
+    nodes = [helper.make_node("Abs", ["dims"], ["shape"]),
+             helper.make_node("Expand", ["one", "shape"], ["big"]),
+             helper.make_node("Add", ["x", "big"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 1])],
+                   [helper.make_tensor_value_info("y", F, ["m", "n"])],
+                   [numpy_helper.from_array(np.int64([512, 512]), "dims"),
+                    numpy_helper.from_array(np.float32([2.0]), "one")])
+    optimized, _ = optimize(model)
+    counts = op_counts(optimized)
+    assert counts.get("Expand") == 1 and "Abs" not in counts  # the small part is folded
+    _same_at(model, optimized, [(1, 1)])
+
+
+def test_a_small_constant_of_shape_folds():
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["small"],
+                              value=numpy_helper.from_array(np.float32([0.5]))),
+             helper.make_node("Add", ["x", "small"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [2, 8])],
+                   [helper.make_tensor_value_info("y", F, [2, 8])],
+                   [numpy_helper.from_array(np.int64([2, 8]), "shape")])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Add": 1}
+    _same_at(model, optimized, [(2, 8)])
+
+
+def test_random_ops_are_never_folded():
+    nodes = [helper.make_node("Abs", ["c"], ["a"]),
+             helper.make_node("RandomNormalLike", ["a"], ["noise"], seed=1.0),
+             helper.make_node("Add", ["x", "noise"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [4])],
+                   [helper.make_tensor_value_info("y", F, [4])],
+                   [numpy_helper.from_array(np.float32([1, 2, 3, 4]), "c")])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"RandomNormalLike": 1, "Add": 1}
+
+
+def _swin_reshape(opset):
+    """Shape -> Gather -> Unsqueeze -> Concat -> Reshape as timm's Swin writes it, on a
+    shape whose batch dim is dynamic: only the static dims fold, with Shape's start/end
+    and a negative index honoured; the arithmetic on them (Div on int64) is onnxruntime's."""
+    pick = [helper.make_node("Shape", ["x"], ["s"], start=1),  # [H, W, C]
+            helper.make_node("Gather", ["s", "minus1"], ["c"], axis=0),  # C = 6
+            helper.make_node("Shape", ["x"], ["full"]),
+            helper.make_node("Gather", ["full", "one"], ["h"], axis=0),  # H = 4
+            helper.make_node("Neg", ["h"], ["neg_h"]),
+            helper.make_node("Div", ["neg_h", "three"], ["third"]),  # -4 / 3 = -1 in ONNX
+            helper.make_node("Add", ["third", "one"], ["zero"]),  # 0: copy a dim in Reshape
+            helper.make_node("Unsqueeze", ["c", "axes"], ["c1"]),
+            helper.make_node("Unsqueeze", ["zero", "axes"], ["zero1"]),
+            helper.make_node("Concat", ["minus1_1d", "zero1", "c1"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64(-1), "minus1"), numpy_helper.from_array(np.int64(1), "one"),
+               numpy_helper.from_array(np.int64(3), "three"), numpy_helper.from_array(np.int64([0]), "axes"),
+               numpy_helper.from_array(np.int64([-1]), "minus1_1d")]
+    return _model(pick, [helper.make_tensor_value_info("x", F, ["batch", 4, 5, 6])],
+                  [helper.make_tensor_value_info("y", F, ["b", "h", "c"])], weights, opset=opset)
+
+
+def test_static_dims_of_a_partly_dynamic_shape_fold():
+    model = _swin_reshape(18)
+    optimized, report = optimize(model)
+    assert op_counts(optimized) == {"Reshape": 1}
+    target = numpy_helper.to_array(optimized.graph.initializer[0])
+    np.testing.assert_array_equal(target, [-1, 0, 6])  # -4 / 3 truncates to -1, as ONNX says
+    _same_at(model, optimized, [(1, 4, 5, 6), (3, 4, 5, 6)])
+
+
+def test_a_dynamic_dim_is_never_folded():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64(0), "zero"), numpy_helper.from_array(np.int64([0]), "axes"),
+               numpy_helper.from_array(np.int64([-1]), "minus1")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["batch", 3, 4])],
+                   [helper.make_tensor_value_info("y", F, ["b", "d"])], weights)
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == op_counts(model)
+    _same_at(model, optimized, [(1, 3, 4), (5, 3, 4)])
+
+
+def test_old_opset_and_ir_3_fold():
+    """Opset 7, IR 3: weights listed as inputs, Unsqueeze and Slice with attributes."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s"], ["hw"], starts=[1], ends=[3], axes=[0]),
+             helper.make_node("Mul", ["a", "b"], ["ab"]),
+             helper.make_node("Add", ["x", "ab"], ["sum"]),
+             helper.make_node("Reshape", ["sum", "hw"], ["y"])]
+    weights = [numpy_helper.from_array(np.float32([[2.0]]), "a"), numpy_helper.from_array(np.float32([[3.0]]), "b")]
+    inputs = [helper.make_tensor_value_info("x", F, [1, 3, 4]),
+              helper.make_tensor_value_info("a", F, [1, 1]), helper.make_tensor_value_info("b", F, [1, 1])]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", F, [3, 4])], weights, opset=7, ir=3)
+    optimized, report = optimize(model)
+    assert op_counts(optimized) == {"Add": 1, "Reshape": 1} and report.warnings[-1].startswith("wrote IR version")
+    feeds = {"x": np.random.default_rng(0).normal(size=(1, 3, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(optimized, feeds)["y"], feeds["x"].reshape(3, 4) + 6.0)
+
+
+def test_constants_of_the_outer_scope_fold_inside_a_branch():
+    then_branch = helper.make_graph(
+        [helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("Add", ["x", "ab"], ["t"])],
+        "then", [], [helper.make_tensor_value_info("t", F, [4])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", F, [4])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    weights = [numpy_helper.from_array(np.float32([1, 2, 3, 4]), "a"),
+               numpy_helper.from_array(np.float32([2, 2, 2, 2]), "b"), numpy_helper.from_array(np.float32(0), "zero")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [4])],
+                   [helper.make_tensor_value_info("y", F, [4])], weights)
+    optimized, report = optimize(model)
+    branch = next(a.g for n in optimized.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == ["Add"]
+    for values in ([1, 1, 1, 1], [-1, -1, -1, -1]):
+        feeds = {"x": np.float32(values)}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def test_a_graph_output_computed_from_constants_stays_a_node():
+    nodes = [helper.make_node("Mul", ["a", "a"], ["y"]), helper.make_node("Relu", ["x"], ["z"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [2])],
+                   [helper.make_tensor_value_info("y", F, [2]), helper.make_tensor_value_info("z", F, [2])],
+                   [numpy_helper.from_array(np.float32([1, -2]), "a")])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Mul": 1, "Relu": 1}
+    _same_at(model, optimized, [(2,)])
+
+
+def test_a_constant_read_only_inside_a_branch_is_folded_in_the_outer_graph():
+    """The outer Mul's only reader is a node of a branch: it is still a frontier value."""
+    branches = [helper.make_graph([helper.make_node(op, ["x", "ab"], [name])], name, [],
+                                  [helper.make_tensor_value_info(name, F, [4])])
+                for op, name in (("Add", "t"), ("Sub", "e"))]
+    nodes = [helper.make_node("Mul", ["a", "b"], ["ab"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=branches[0], else_branch=branches[1])]
+    weights = [numpy_helper.from_array(np.float32([1, 2, 3, 4]), "a"),
+               numpy_helper.from_array(np.float32([2, 2, 2, 2]), "b"), numpy_helper.from_array(np.float32(0), "zero")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [4])],
+                   [helper.make_tensor_value_info("y", F, [4])], weights)
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"ReduceSum": 1, "Greater": 1, "If": 1}
+    for values in ([1, 1, 1, 1], [-1, -1, -1, -1]):
+        feeds = {"x": np.float32(values)}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def test_a_part_that_fails_keeps_no_other_part_from_folding():
+    failing = _failing_model()
+    graph = failing.graph
+    graph.node.extend([helper.make_node("Mul", ["c", "c"], ["cc"]), helper.make_node("Add", ["y", "cc"], ["z"])])
+    graph.initializer.append(numpy_helper.from_array(np.float32([3]), "c"))
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("z", F, [1]))
+    onnx.checker.check_model(failing, full_check=True)
+    optimized, report = optimize(failing)
+    assert op_counts(optimized) == {"Gather": 1, "Add": 2}
+    assert len(report.warnings) == 1 and "Gather 'Gather_0' first" in report.warnings[0], report.warnings
+
+
+def test_shape_of_unknown_rank_and_slices_with_omitted_or_computed_parameters():
+    """Concat(Shape(r) of unknown rank, [5]) then Gather(1): the 5 is not at index 1 unless
+    r has rank 1. A Slice whose steps are computed, not constant, is not read either."""
+    nodes = [helper.make_node("Reshape", ["x", "target"], ["r"]),  # of a rank no one knows
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Concat", ["s", "five"], ["sf"], axis=0),
+             helper.make_node("Gather", ["sf", "one"], ["picked"], axis=0),
+             helper.make_node("Shape", ["z"], ["zs"]),
+             helper.make_node("Slice", ["zs", "zero1", "two1", "", "step"], ["hw"]),
+             helper.make_node("Cast", ["picked"], ["pf"], to=F),
+             helper.make_node("Add", ["z", "pf"], ["y0"]),
+             helper.make_node("ReduceSum", ["hw"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["tf"], to=F),
+             helper.make_node("Add", ["y0", "tf"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64([5]), "five"), numpy_helper.from_array(np.int64(1), "one"),
+               numpy_helper.from_array(np.int64([0]), "zero1"), numpy_helper.from_array(np.int64([2]), "two1")]
+    inputs = [helper.make_tensor_value_info("x", F, [4]), helper.make_tensor_value_info("target", I64, ["k"]),
+              helper.make_tensor_value_info("z", F, [2, 3]),
+              helper.make_tensor_value_info("step", I64, [1])]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", F, [2, 3])], weights)
+    optimized, _ = optimize(model)
+    assert op_counts(optimized)["Gather"] == 1 and op_counts(optimized)["Slice"] == 1
+    for target, step in (([4], [1]), ([2, 2], [-1])):
+        feeds = {"x": np.ones(4, np.float32), "target": np.int64(target), "z": np.zeros((2, 3), np.float32),
+                 "step": np.int64(step)}
+        np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def _batch_reshape(rest, dims=("batch", 4, 6)):
+    """x.view(B, *rest) with B read from x's dynamic batch dim."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    weights = [numpy_helper.from_array(np.int64(0), "zero"), numpy_helper.from_array(np.int64([0]), "axes"),
+               numpy_helper.from_array(np.int64(rest), "rest")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, list(dims))],
+                  [helper.make_tensor_value_info("y", F, ["batch"] + ["d"] * len(rest))], weights)
+
+
+def test_a_reshape_to_a_batch_read_from_the_input_gets_a_constant_target():
+    model = _batch_reshape([2, 12])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Reshape": 1}
+    np.testing.assert_array_equal(numpy_helper.to_array(optimized.graph.initializer[0]), [-1, 2, 12])
+    _same_at(model, optimized, [(1, 4, 6), (3, 4, 6)])
+    empty = {"x": np.zeros((0, 4, 6), np.float32)}
+    assert run(optimized, empty)["y"].shape == run(model, empty)["y"].shape == (0, 2, 12)
+
+
+def test_a_reshape_target_with_a_copied_dim_keeps_its_arithmetic():
+    """A 0 copies an input dim, here a dynamic one that may be 0 itself: -1 could then not
+    be resolved."""
+    model = _batch_reshape([0, 6], dims=("batch", "t", 6))
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == op_counts(model)
+    _same_at(model, optimized, [(1, 4, 6), (3, 2, 6)])
+    empty = {"x": np.zeros((2, 0, 6), np.float32)}
+    assert run(optimized, empty)["y"].shape == run(model, empty)["y"].shape == (2, 0, 6)
