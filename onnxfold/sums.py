@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import infer_output_shapes, is_constant, is_present, is_standard, producer
+from .weights import constant_values
 
 _SUM_OPS = {"Add", "Sum"}
 _MAX_TERMS = 32  # beyond this a tree is left as it is: pairs are tried one by one
@@ -146,3 +147,49 @@ def _rebuild(graph, engine, nodes, terms, pairs) -> None:
         total = value if total is None else add(total, value, last=last)
     graph.nodes[position:position] = added
     engine.own_nodes |= {id(node) for node in added}
+
+
+def unstack_sums(graph: gs.Graph) -> int:
+    """`torch.stack(terms).sum(0)` as exported, ReduceSum(Concat(Unsqueeze(t) ...), axis a)
+    without kept dims, is Sum(terms): Concat needs every stacked term to have one shape, so
+    no broadcast is involved; only the order of the additions may differ (rounding)."""
+    count = 0
+    for node in graph.nodes:
+        terms = _stacked_terms(node) if node.op == "ReduceSum" and is_standard(node) else None
+        if terms is not None:
+            node.op, node.attrs = "Sum", {}
+            node.inputs.clear()
+            node.inputs.extend(terms)
+            count += 1
+    return count
+
+
+def _stacked_terms(reduce):
+    """The terms a ReduceSum adds up, if it sums a stack of them over the stacked axis."""
+    concat = producer(reduce.inputs[0])
+    if reduce.attrs.get("keepdims", 1) != 0 or concat is None or concat.op != "Concat" or not is_standard(concat):
+        return None
+    rank = len(reduce.inputs[0].shape) if reduce.inputs[0].shape is not None else None
+    axes = _axes(reduce)
+    if rank is None or axes is None or len(axes) != 1:
+        return None
+    axis = axes[0] % rank
+    if concat.attrs.get("axis", 0) % rank != axis:
+        return None
+    terms = []
+    for stacked in concat.inputs:
+        unsqueeze = producer(stacked)
+        if unsqueeze is None or unsqueeze.op != "Unsqueeze" or not is_standard(unsqueeze):
+            return None
+        unsqueezed = _axes(unsqueeze)
+        if unsqueezed is None or [a % rank for a in unsqueezed] != [axis]:
+            return None
+        terms.append(unsqueeze.inputs[0])
+    return terms
+
+
+def _axes(node):
+    """A Reduce or Unsqueeze node's axes, from its constant input (opset 13+) or attribute."""
+    if len(node.inputs) > 1 and is_present(node.inputs[1]):
+        return constant_values(node.inputs[1]).reshape(-1).tolist() if is_constant(node.inputs[1]) else None
+    return node.attrs.get("axes")

@@ -161,3 +161,31 @@ g (float[3,5] x, float[1] s2, float[4,5] A, float[4] a, float[4,5] B, float[4] b
   y = Div(s, s2)
 }}""", data=["x", "s2"])
     assert counts == {"Gemm": 1, "Div": 1}
+
+
+def _stack(out, keep, axis):
+    return f"""
+g ({CONVS}) => (float[{out}] y) {{
+  a = Conv<pads=[1,1,1,1]>(x, Wa)
+  b = Conv(x, Wb)
+  c = Conv<pads=[1,1,1,1]>(x, Wc)
+  zero = Constant<value = int64[1] {{0}}>()
+  sa = Unsqueeze(a, zero)
+  sb = Unsqueeze(b, zero)
+  sc = Unsqueeze(c, zero)
+  s = Concat<axis=0>(sa, sb, sc)
+  axis = Constant<value = int64[1] {{{axis}}}>()
+  y = ReduceSum<keepdims={keep}>(s, axis)
+}}"""
+
+
+def test_a_stack_summed_over_its_axis_is_one_conv():
+    # torch.stack([conv_a(x), conv_b(x), conv_c(x)]).sum(0), as both exporters write it
+    counts, report = _optimized(_stack("1,4,8,8", 0, 0))
+    assert counts == {"Conv": 1}, report.render(explain=True)
+
+
+@pytest.mark.parametrize("out, keep, axis", [("1,1,4,8,8", 1, 0), ("3,4,8,8", 0, 1)])
+def test_a_stack_summed_otherwise_stays(out, keep, axis):
+    counts, _ = _optimized(_stack(out, keep, axis))
+    assert counts["ReduceSum"] == 1 and counts["Conv"] == 3
