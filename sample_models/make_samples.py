@@ -502,6 +502,27 @@ class SumWithNonlinearBranch(nn.Module):
         return Branches(conv_from(w, b + b1 + br, padding=1), nn.ReLU())
 
 
+class StackSum(nn.Module):
+    """torch.stack([3x3-BN, 1x1-BN, 1x3-BN]).sum(0): the exporters write Unsqueeze,
+    Concat and ReduceSum, not Sum."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.kxk = ConvBN(c, c, 3, padding=1)
+        self.one = ConvBN(c, c, 1)
+        self.row = ConvBN(c, c, (1, 3), padding=(0, 1))
+
+    def forward(self, x):
+        return torch.stack([self.kxk(x), self.one(x), self.row(x)]).sum(0)
+
+    def reparameterize(self):
+        w, b = self.kxk.fused()
+        w1, b1 = self.one.fused()
+        wr, br = self.row.fused()
+        w = w + embed_kernel(w1, 3, (0, 0), (1, 1)) + embed_kernel(wr, 3, (0, 1), (1, 1))
+        return conv_from(w, b + b1 + br, padding=1)
+
+
 class DistillationHeads(nn.Module):
     """DeiT's inference head: (head(x) + head_dist(x)) / 2, two Linears on one input."""
 
@@ -766,6 +787,9 @@ BLOCKS = {
     "distill_heads_tokens": (DistillationHeads, [2, 5, 16],
                              "The distillation heads on [N, L, F] tokens (MatMul + bias Add "
                              "each); the oracle is one Linear with averaged weights.", None),
+    "stack_sum": (StackSum, [1, 8, 16, 16],
+                  "torch.stack([3x3-BN, 1x1-BN, 1x3-BN (pad 0,1)]).sum(0), exported as "
+                  "Unsqueeze/Concat/ReduceSum; the oracle is one 3x3 conv.", None),
 }
 
 
