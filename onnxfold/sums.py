@@ -27,9 +27,12 @@ _MAX_TERMS = 32  # beyond this a tree is left as it is: pairs are tried one by o
 
 def regroup_sums(graph: gs.Graph, engine) -> int:
     """Regroup every sum tree of `graph` where that lets terms merge; return how many."""
-    outputs = {id(tensor) for tensor in graph.outputs}
-    roots = [node for node in graph.nodes if _is_sum(node) and not _is_inner(node, outputs)]
-    return sum(_regroup(graph, engine, root, outputs) for root in roots)
+    # `kept`: the graph's outputs, and values a nested graph (If, Loop body) reads
+    kept = {id(tensor) for tensor in graph.outputs}
+    kept |= {id(tensor) for inner in graph.subgraphs(recursive=True) for node in inner.nodes
+             for tensor in node.inputs}
+    roots = [node for node in graph.nodes if _is_sum(node) and not _is_inner(node, kept)]
+    return sum(_regroup(graph, engine, root, kept) for root in roots)
 
 
 def _is_sum(node) -> bool:
@@ -41,21 +44,22 @@ def _is_sum(node) -> bool:
         dtype is not None and np.dtype(dtype).kind == "f"
 
 
-def _is_inner(node, outputs) -> bool:
+def _is_inner(node, kept) -> bool:
     """A sum read only by one other sum, and not a graph output: part of a larger tree."""
     result = node.outputs[0]
     consumers = result.outputs
-    return id(result) not in outputs and len(consumers) == 1 and _is_sum(consumers[0])
+    return id(result) not in kept and len(consumers) == 1 and _is_sum(consumers[0])
 
 
-def _tree(root, outputs):
-    """The tree's sum nodes (root last) and its terms, in the order the graph adds them."""
+def _tree(root, kept, own):
+    """The tree's sum nodes (root last) and its terms, in the order the graph adds them;
+    only nodes of this graph (`own`), never of an enclosing one."""
     nodes, terms = [], []
 
     def walk(node):
         for tensor in node.inputs:
             source = producer(tensor)
-            if source is not None and _is_sum(source) and _is_inner(source, outputs):
+            if source is not None and id(source) in own and _is_sum(source) and _is_inner(source, kept):
                 walk(source)
             else:
                 terms.append(tensor)
@@ -65,8 +69,8 @@ def _tree(root, outputs):
     return nodes, terms
 
 
-def _regroup(graph, engine, root, outputs) -> int:
-    nodes, terms = _tree(root, outputs)
+def _regroup(graph, engine, root, kept) -> int:
+    nodes, terms = _tree(root, kept, engine.own_nodes)
     if not 3 <= len(terms) <= _MAX_TERMS:
         return 0
     siblings = {frozenset(map(id, node.inputs)) for node in nodes if len(node.inputs) == 2}

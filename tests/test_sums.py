@@ -189,3 +189,28 @@ def test_a_stack_summed_over_its_axis_is_one_conv():
 def test_a_stack_summed_otherwise_stays(out, keep, axis):
     counts, _ = _optimized(_stack(out, keep, axis))
     assert counts["ReduceSum"] == 1 and counts["Conv"] == 3
+
+
+def test_a_sum_begun_outside_an_if_branch_is_left_to_its_own_graph():
+    # s = Relu(x) + k1 outside, y = s + k2 inside the then-branch: the branch may not
+    # regroup (and so rewire) the enclosing graph's Add
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])
+
+    then = helper.make_graph([helper.make_node("Add", ["s", "k2"], ["yt"])], "then", [], [value("yt")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["ye"])], "other", [], [value("ye")])
+    weights = [onnx.numpy_helper.from_array(np.array([[1.0, 2, 3, 4]], np.float32) * i, f"k{i}") for i in (1, 2)]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "k1"], ["s"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)], "g",
+        [value("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [value("y")], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    optimized, _ = optimize(model)
+    onnx.checker.check_model(optimized, full_check=True)
+    for condition in (True, False):
+        feeds = {"x": np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4), "cond": np.array(condition)}
+        assert_same_function(model, optimized, feeds=feeds)
