@@ -75,17 +75,23 @@ class Engine:
 
     def _rewrite_at(self, node) -> list:
         """Apply the first rule that fires at `node`; return the nodes to look at again."""
+        plan = self.first_plan(node, self.misses)
+        return self._apply(plan) if plan is not None else []
+
+    def first_plan(self, node, misses: dict) -> Plan | None:
+        """The plan of the first rule that fires at `node`, or None; why each rule rooted
+        at its op did not fire goes into `misses`. Changes nothing."""
         for rule in self.rules_by_op.get(ALIASES.get(node.op, node.op), ()):
             first_miss = None
             for match in matches_at(rule, node):
                 outcome = plan_rewrite(rule, match, self.own_nodes, self.graph.outputs)
                 if isinstance(outcome, Plan):
-                    self.misses.pop((rule.name, node.name), None)
-                    return self._apply(outcome)
+                    misses.pop((rule.name, node.name), None)
+                    return outcome
                 first_miss = first_miss or outcome
             if first_miss:
-                self.misses[(rule.name, node.name)] = first_miss
-        return []
+                misses[(rule.name, node.name)] = first_miss
+        return None
 
     def _apply(self, plan: Plan) -> list:
         change = apply_plan(self.graph, plan, self.names)

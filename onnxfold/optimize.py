@@ -19,6 +19,7 @@ from .normalize import normalize
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
+from .sums import regroup_sums, unstack_sums
 from .weights import constants_of, hold_apart_from_input, release_all
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
@@ -118,11 +119,14 @@ def _check_output(source, optimized) -> None:
 
 def _rewrite_to_fixpoint(graph, engine, passes=()) -> dict:
     """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts."""
-    normalized = normalize(graph, engine.names)
+    normalized = {**normalize(graph, engine.names), "stacked-sums": 0, "regrouped-sums": 0}
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
         passed = sum(run(graph, engine) for _, run in passes)
         again = normalize(graph, engine.names)
+        # Once the rules are done, sums whose mergeable terms are not siblings are regrouped.
+        again["stacked-sums"] = unstack_sums(graph)
+        again["regrouped-sums"] = regroup_sums(graph, engine)
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not passed and not any(again.values()):
             return normalized

@@ -407,6 +407,24 @@ def features_to_channels(transpose_output):
     node, perm = _perm(transpose_output)
     if len(perm) < 2 or perm[1] != len(perm) - 1:
         return f"'{node.name}' (perm {perm}) does not move the last axis, the features, to axis 1"
+# --- parallel and scaled linear maps ---------------------------------------------------------
+
+def _op_b_shape(gemm_output):
+    node = _node(gemm_output)
+    matrix = _matrix_shape(node.inputs[1])
+    if matrix is None:
+        raise CannotTell(f"the weight of '{node.name}' is not a matrix")
+    return matrix[::-1] if attributes(node)["transB"] else matrix
+
+
+@predicate
+def same_gemm_layout(gemm_a, gemm_b):
+    """Two Gemms that read their input alike (transA) and map it to as many features."""
+    a, b = _node(gemm_a), _node(gemm_b)
+    if attributes(a)["transA"] != attributes(b)["transA"]:
+        return f"'{a.name}' and '{b.name}' differ in transA"
+    if _op_b_shape(gemm_a) != _op_b_shape(gemm_b):
+        return f"'{a.name}' and '{b.name}' have weights of different shapes"
     return None
 
 
@@ -416,4 +434,26 @@ def transposes_cancel(first_output, second_output):
     (first, p1), (second, p2) = _perm(first_output), _perm(second_output)
     if transforms.compose_perms(p1, p2) != list(range(len(p1))):
         return f"'{first.name}' (perm {p1}) and '{second.name}' (perm {p2}) do not cancel"
+def same_shape(A, B):
+    """Two weights of one shape: their sum keeps every output shape as it was."""
+    if _shape(A) != _shape(B):
+        return f"'{A.name}' {list(_shape(A))} and '{B.name}' {list(_shape(B))} differ in shape"
+    return None
+
+
+@predicate
+def feature_scale(scale, linear_output):
+    """A constant scalar, or one along the output features only ([..., 1, N]) of no higher
+    rank than the output: a scale of the weight's columns."""
+    reason = constant(scale)
+    if reason:
+        return reason
+    shape, output = _shape(scale), linear_output.shape
+    features = output[-1] if output else None
+    if output is None or not isinstance(features, (int, np.integer)):
+        raise CannotTell(f"the features of '{linear_output.name}' are not known")
+    if len(shape) > len(output):
+        return f"'{scale.name}' has rank {len(shape)}, more than the output's {len(output)}: it broadcasts it"
+    if any(size != 1 for size in shape[:-1]) or (shape and shape[-1] not in (1, features)):
+        return f"'{scale.name}' of shape {list(shape)} does not scale the {features} output features only"
     return None

@@ -324,3 +324,49 @@ def fold_bn_into_next_matmul(W, C, gamma, beta, mean, var, epsilon):
 def compose_perms(first, second):
     """Transpose(Transpose(x, first), second) = Transpose(x, p) with p[i] = first[second[i]]."""
     return [int(first[axis]) for axis in second]
+
+
+# --- parallel and scaled linear maps ---------------------------------------------------------
+
+def _sum_of_biases(*biases):
+    present = [bias for bias in biases if bias is not None]
+    return None if not present else present[0] if len(present) == 1 else present[0] + present[1]
+
+
+@transform
+def add_gemm_branches(A, Ca, alpha_a, beta_a, trans_a, B, Cb, alpha_b, beta_b, trans_b):
+    """Gemm_a(x) + Gemm_b(x), both transA=t: one Gemm with W = a.op(A) + b.op(B), C the sum
+    of the scaled biases (both broadcast to the same [M, N], so their sum does too)."""
+    Wa, ca = gemm_as_matmul(A, Ca, alpha_a, beta_a, trans_a)
+    Wb, cb = gemm_as_matmul(B, Cb, alpha_b, beta_b, trans_b)
+    return Wa + Wb, _sum_of_biases(ca, cb)
+
+
+@transform
+def add_weights(A, B):
+    """x.A + x.B = x.(A + B), for weights of one shape."""
+    return A + B
+
+
+@transform
+def reciprocal(s):
+    """1/s: a Div by s is a Mul by 1/s."""
+    return 1.0 / s
+
+
+def _feature_vector(scale):
+    """A scalar or per-feature constant ([..., 1, N]) as a vector along the last axis."""
+    return np.asarray(scale).reshape(-1)
+
+
+@transform
+def scale_columns(W, C, scale):
+    """(x.W + C)*s, s per feature (last axis) or scalar: W*s along columns, C*s."""
+    return W * _feature_vector(scale), None if C is None else C * scale
+
+
+@transform
+def scale_gemm(B, C, alpha, gemm_beta, trans_b, scale):
+    """Gemm(x, B, C)*s with transA=0 or 1: op(B)*alpha*s along columns, C*beta*s."""
+    W, bias = gemm_as_matmul(B, C, alpha, gemm_beta, trans_b)
+    return scale_columns(W, bias, scale)

@@ -446,6 +446,103 @@ class DBBPartial(nn.Module):
         return self.main(x) + self.c2(self.c1(x)) + self.d2(self.d1(x))
 
 
+class Branches(nn.Module):
+    """The sum of its branches, each applied to the input (an oracle's form)."""
+
+    def __init__(self, *branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return sum(branch(x) for branch in self.branches)
+
+
+class DBBOrdered(DBB):
+    """DBB summed as its reference forward does, ((kxk + 1x1) + avg) + seq, with the avg
+    branch padded naively (a trap: it cannot merge) and the seq branch in BNAndPad form
+    (it can): the kxk and seq convs merge only if the sum is regrouped."""
+
+    def __init__(self, c=8, k=3):
+        super().__init__(c, k, exact=False)
+        p = k // 2
+        self.seq_1x1 = ConvBN(c, c, 1, padding=p)
+        self.seq_kxk = ConvBN(c, c, k, padding=0)
+
+    def forward(self, x):
+        return ((self.kxk(x) + self.one(x)) + self.avg_bn(self.avg(self.avg_1x1(x)))) + \
+            self.seq_kxk(self.seq_1x1(x))
+
+    def reparameterize(self):
+        k, p = self.k, self.k // 2
+        w, b = self.kxk.fused()
+        w1, b1 = self.one.fused()
+        wd, bd = compose_1x1_then_kxk(*self.seq_1x1.fused(), *self.seq_kxk.fused())
+        main = conv_from(w + embed_kernel(w1, k, (0, 0), (p, p)) + wd, b + b1 + bd, padding=p)
+        avg = nn.Sequential(self.avg_1x1.reparameterize(), conv_from(*self._avg_as_conv(), padding=p))
+        return Branches(main, avg)
+
+
+class SumWithNonlinearBranch(nn.Module):
+    """sum() over branches, a ReLU branch between the convs: 3x3-BN + ReLU(x) + 1x1-BN +
+    1x3-BN. Python's sum starts from 0 and adds left to right."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.kxk = ConvBN(c, c, 3, padding=1)
+        self.one = ConvBN(c, c, 1)
+        self.row = ConvBN(c, c, (1, 3), padding=(0, 1))
+
+    def forward(self, x):
+        return sum([self.kxk(x), F.relu(x), self.one(x), self.row(x)])
+
+    def reparameterize(self):
+        w, b = self.kxk.fused()
+        w1, b1 = self.one.fused()
+        wr, br = self.row.fused()
+        w = w + embed_kernel(w1, 3, (0, 0), (1, 1)) + embed_kernel(wr, 3, (0, 1), (1, 1))
+        return Branches(conv_from(w, b + b1 + br, padding=1), nn.ReLU())
+
+
+class StackSum(nn.Module):
+    """torch.stack([3x3-BN, 1x1-BN, 1x3-BN]).sum(0): the exporters write Unsqueeze,
+    Concat and ReduceSum, not Sum."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.kxk = ConvBN(c, c, 3, padding=1)
+        self.one = ConvBN(c, c, 1)
+        self.row = ConvBN(c, c, (1, 3), padding=(0, 1))
+
+    def forward(self, x):
+        return torch.stack([self.kxk(x), self.one(x), self.row(x)]).sum(0)
+
+    def reparameterize(self):
+        w, b = self.kxk.fused()
+        w1, b1 = self.one.fused()
+        wr, br = self.row.fused()
+        w = w + embed_kernel(w1, 3, (0, 0), (1, 1)) + embed_kernel(wr, 3, (0, 1), (1, 1))
+        return conv_from(w, b + b1 + br, padding=1)
+
+
+class DistillationHeads(nn.Module):
+    """DeiT's inference head: (head(x) + head_dist(x)) / 2, two Linears on one input."""
+
+    def __init__(self, fin=16, classes=10):
+        super().__init__()
+        self.head = nn.Linear(fin, classes)
+        self.head_dist = nn.Linear(fin, classes)
+
+    def forward(self, x):
+        return (self.head(x) + self.head_dist(x)) / 2
+
+    def reparameterize(self):
+        out = nn.Linear(self.head.in_features, self.head.out_features)
+        with torch.no_grad():
+            out.weight.copy_((self.head.weight.double() + self.head_dist.weight.double()) / 2)
+            out.bias.copy_((self.head.bias.double() + self.head_dist.bias.double()) / 2)
+        return out
+
+
 class MobileOneBlock(nn.Module):
     """MobileOne: ReLU(sum of n kxk conv-BN + 1x1 conv-BN (k>1) + BN skip (if it fits))."""
 
@@ -808,6 +905,28 @@ BLOCKS = {
                      "Hybrid stage: x + dw conv-BN(x); BatchNorm2d(x) flattened to tokens feeds "
                      "separate q, k, v Linears; attention; proj added back; BatchNorm2d -> "
                      "mean over H, W -> Linear head.", None),
+    "dbb_ordered": (lambda: DBBOrdered(8, 3), [1, 8, 16, 16],
+                    "Diverse Branch Block k=3 summed ((kxk + 1x1) + avg) + seq: (c) 1x1-BN-"
+                    "AvgPool(3, s1, pad 1)-BN padded naively (a trap), (d) in BNAndPad form "
+                    "(1x1 pad 1, 3x3 unpadded; it folds). The oracle: one 3x3 for (a)+(b)+(d), "
+                    "plus (c) as a 1x1 conv with bias and a padded 3x3 conv; (d) merges only "
+                    "once the sum is regrouped.",
+                    "Branch (c): a 1x1 conv whose BN gives it a bias, followed by a padded "
+                    "AvgPool; the padded zeros never see that bias, so it cannot merge."),
+    "sum_relu_branch": (SumWithNonlinearBranch, [1, 8, 16, 16],
+                        "sum([3x3-BN, ReLU(x), 1x1-BN, 1x3-BN]) with Python's sum: the convs "
+                        "merge into one 3x3 across the ReLU branch once the sum is regrouped.",
+                        None),
+    "distill_heads": (DistillationHeads, [4, 16],
+                      "DeiT distillation heads: (Linear(16->10)(x) + Linear(16->10)(x)) / 2 "
+                      "on [N, F]; the oracle is one Linear with averaged weights and biases.",
+                      None),
+    "distill_heads_tokens": (DistillationHeads, [2, 5, 16],
+                             "The distillation heads on [N, L, F] tokens (MatMul + bias Add "
+                             "each); the oracle is one Linear with averaged weights.", None),
+    "stack_sum": (StackSum, [1, 8, 16, 16],
+                  "torch.stack([3x3-BN, 1x1-BN, 1x3-BN (pad 0,1)]).sum(0), exported as "
+                  "Unsqueeze/Concat/ReduceSum; the oracle is one 3x3 conv.", None),
 }
 
 
