@@ -407,6 +407,18 @@ def features_to_channels(transpose_output):
     node, perm = _perm(transpose_output)
     if len(perm) < 2 or perm[1] != len(perm) - 1:
         return f"'{node.name}' (perm {perm}) does not move the last axis, the features, to axis 1"
+    return None
+
+
+@predicate
+def transposes_cancel(first_output, second_output):
+    """Two Transposes that together move nothing."""
+    (first, p1), (second, p2) = _perm(first_output), _perm(second_output)
+    if transforms.compose_perms(p1, p2) != list(range(len(p1))):
+        return f"'{first.name}' (perm {p1}) and '{second.name}' (perm {p2}) do not cancel"
+    return None
+
+
 # --- parallel and scaled linear maps ---------------------------------------------------------
 
 def _op_b_shape(gemm_output):
@@ -429,11 +441,6 @@ def same_gemm_layout(gemm_a, gemm_b):
 
 
 @predicate
-def transposes_cancel(first_output, second_output):
-    """Two Transposes that together move nothing."""
-    (first, p1), (second, p2) = _perm(first_output), _perm(second_output)
-    if transforms.compose_perms(p1, p2) != list(range(len(p1))):
-        return f"'{first.name}' (perm {p1}) and '{second.name}' (perm {p2}) do not cancel"
 def same_shape(A, B):
     """Two weights of one shape: their sum keeps every output shape as it was."""
     if _shape(A) != _shape(B):
