@@ -34,7 +34,7 @@ def write_runtime_forms(graph: gs.Graph, names: NameSource) -> dict:
     for node in list(graph.nodes):
         if not is_standard(node) or not node.outputs:
             continue
-        if node.op == "Erf":
+        if node.op == "Erf" or (node.op == "Tanh" and graph.opset >= 20):
             counts["gelu"] += _gelu(graph, node, outputs, names)
         elif node.op == "ReduceMean":
             counts["global-average-pool"] += _global_pool(node, graph.opset, outputs)
@@ -87,31 +87,80 @@ def _erf_argument(erf):
     return None, None
 
 
-def _gelu_nodes(erf, outputs):
-    """The nodes of x * 0.5 * (1 + erf(x / sqrt 2)), in any association of the product,
-    the last one first; x; and whether the product is one GeluFusion knows:
-    (x * 0.5) * (1 + erf) or (x * (1 + erf)) * 0.5.
+def _private(tensor, outputs) -> bool:
+    """A middle value of the subgraph: one reader, not a graph output."""
+    return len(tensor.outputs) == 1 and id(tensor) not in outputs
+
+
+def _standard(node, op):
+    return node is not None and node.op == op and is_standard(node) and len(node.inputs) == 2
+
+
+def _tanh_argument(tanh, outputs):
+    """(x, the nodes) for Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)), x^3 as Pow(x, 3) or
+    x * (x * x) in either order; (None, None) for anything else."""
+    scale = producer(tanh.inputs[0])
+    if not _standard(scale, "Mul") or not _private(scale.outputs[0], outputs):
+        return None, None
+    for inner, factor in (scale.inputs, scale.inputs[::-1]):
+        add = producer(inner)
+        if not _equals(factor, np.sqrt(2 / np.pi)) or not _standard(add, "Add") or not _private(inner, outputs):
+            continue
+        for x, term in (add.inputs, add.inputs[::-1]):
+            nodes = _cubic_term(term, x, outputs)
+            if nodes is not None:
+                return x, [*nodes, add, scale]
+    return None, None
+
+
+def _cubic_term(term, x, outputs):
+    """The nodes of 0.044715 * x^3 computing `term`, or None."""
+    times = producer(term)
+    if is_constant(x) or not _standard(times, "Mul") or not _private(term, outputs):
+        return None
+    for cube, factor in (times.inputs, times.inputs[::-1]):
+        node = producer(cube)
+        if not _equals(factor, 0.044715) or node is None or not _private(cube, outputs):
+            continue
+        if _standard(node, "Pow") and node.inputs[0] is x and _equals(node.inputs[1], 3.0):
+            return [node, times]
+        if _standard(node, "Mul") and x in node.inputs:
+            square = producer(_other(node, x) if _other(node, x) is not None else x)
+            if _standard(square, "Mul") and square.inputs[0] is x and square.inputs[1] is x \
+                    and _private(square.outputs[0], outputs):
+                return [square, node, times]
+    return None
+
+
+def _gelu_nodes(kernel, outputs):
+    """The nodes of x * 0.5 * (1 + erf(x / sqrt 2)) (or of tanh's approximation, from a
+    Tanh), in any association of the product, the last one first; x; and whether the
+    product is one GeluFusion knows: (x * 0.5) * (1 + erf) or (x * (1 + erf)) * 0.5.
     Nones where the subgraph is anything else."""
-    x, scale = _erf_argument(erf)
-    if x is None or np.dtype(x.dtype or np.float32) not in _FLOATS or id(scale.outputs[0]) in outputs \
-            or len(scale.outputs[0].outputs) != 1:
+    if kernel.op == "Erf":
+        x, scale = _erf_argument(kernel)
+        argument = [scale] if x is not None else None
+    else:
+        x, argument = _tanh_argument(kernel, outputs)
+    if x is None or np.dtype(x.dtype or np.float32) not in _FLOATS or not _private(kernel.inputs[0], outputs):
         return None, None, False
-    add = _sole_consumer(erf.outputs[0], "Add", outputs)
-    if add is None or not _equals(_other(add, erf.outputs[0]), 1.0):
+    add = _sole_consumer(kernel.outputs[0], "Add", outputs)
+    if add is None or not _equals(_other(add, kernel.outputs[0]), 1.0):
         return None, None, False
     first = _sole_consumer(add.outputs[0], "Mul", outputs)
     factor = first and _other(first, add.outputs[0])
     if factor is None:
         return None, None, False
+    tail = [add, kernel, *argument[::-1]]
     half = producer(factor)
     if half is not None and half.op == "Mul" and is_standard(half) and len(factor.outputs) == 1 \
             and id(factor) not in outputs and _equals(_other(half, x), 0.5):
-        return [first, half, add, erf, scale], x, True
+        return [first, half, *tail], x, True
     if factor is x or _equals(factor, 0.5):
         last = _sole_consumer(first.outputs[0], "Mul", outputs) if len(first.outputs[0].outputs) == 1 else None
         other = last and _other(last, first.outputs[0])
         if other is not None and (other is x if factor is not x else _equals(other, 0.5)):
-            return [last, first, add, erf, scale], x, factor is x  # x * (1 + erf), then * 0.5
+            return [last, first, *tail], x, factor is x  # x * (1 + erf), then * 0.5
     return None, None, False
 
 
@@ -123,11 +172,13 @@ def _gelu(graph, erf, outputs, names) -> int:
         return 0  # onnxruntime fuses it already
     result = nodes[0].outputs[0]
     first_name = nodes[-1].name
+    assert erf.op == "Erf" or graph.opset >= 20  # tanh's form has no op below opset 20
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
     if graph.opset >= 20:
-        graph.nodes.append(gs.Node("Gelu", first_name, inputs=[x], outputs=[result]))
+        attrs = {"approximate": "tanh"} if erf.op == "Tanh" else {}
+        graph.nodes.append(gs.Node("Gelu", first_name, attrs=attrs, inputs=[x], outputs=[result]))
         return 1
     dtype = np.dtype(x.dtype)
 

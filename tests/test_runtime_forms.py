@@ -131,3 +131,37 @@ g (float[2,8,5,5] x, float[8,3] W) => (float[2,3] y) <int64[2] axes = {2, 3}> {
         optimized, report = optimize(model)
         assert report.normalized["global-average-pool"] == 0
         assert "ReduceMean" in op_counts(optimized)
+
+
+def _tanh_model(opset, cube="c = Pow(x, three)", c="0.7978846"):
+    """The tanh approximation as the exporters write it."""
+    return model_from_text(f"""
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[2,5,16] x) => (float[2,5,16] y) <float three = {{3.0}}, float a = {{0.044715}}, float c = {{{c}}}, float one = {{1.0}}, float k = {{0.5}}> {{
+  q = Mul(x, x)
+  {cube}
+  t = Mul(a, c3)
+  i = Add(x, t)
+  s = Mul(c, i)
+  h = Tanh(s)
+  p = Add(h, one)
+  m = Mul(x, p)
+  y = Mul(m, k)
+}}
+""".replace("c = Pow", "c3 = Pow").replace("c = Mul(x, q)", "c3 = Mul(x, q)"))
+
+
+@pytest.mark.parametrize("cube", ["c = Pow(x, three)", "c = Mul(x, q)"])
+def test_tanh_gelu_from_opset_20_is_the_standard_op(cube):
+    model = _tanh_model(20, cube)
+    optimized, report = optimize(model)
+    assert op_counts(optimized) == {"Gelu": 1}, op_counts(optimized)
+    assert optimized.graph.node[0].attribute[0].s == b"tanh"
+    assert_same_function(model, optimized)
+
+
+@pytest.mark.parametrize("opset, c", [(18, "0.7978846"), (20, "0.8")])
+def test_tanh_gelu_stays_below_opset_20_or_with_other_constants(opset, c):
+    model = _tanh_model(opset, "c = Mul(x, q)", c=c)
+    optimized, report = optimize(model)
+    assert "Gelu" not in op_counts(optimized) and "Tanh" in op_counts(optimized)
