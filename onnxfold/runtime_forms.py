@@ -164,20 +164,20 @@ def _gelu_nodes(kernel, outputs):
     return None, None, False
 
 
-def _gelu(graph, erf, outputs, names) -> int:
-    nodes, x, fused_form = _gelu_nodes(erf, outputs)
+def _gelu(graph, kernel, outputs, names) -> int:
+    """Rewrite the GELU around `kernel` (its Erf, or its Tanh from opset 20); 1 if done."""
+    nodes, x, fused_form = _gelu_nodes(kernel, outputs)
     if nodes is None:
         return 0
     if graph.opset < 20 and fused_form and nodes[-1].op == "Div":
         return 0  # onnxruntime fuses it already
     result = nodes[0].outputs[0]
     first_name = nodes[-1].name
-    assert erf.op == "Erf" or graph.opset >= 20  # tanh's form has no op below opset 20
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
     if graph.opset >= 20:
-        attrs = {"approximate": "tanh"} if erf.op == "Tanh" else {}
+        attrs = {"approximate": "tanh"} if kernel.op == "Tanh" else {}
         graph.nodes.append(gs.Node("Gelu", first_name, attrs=attrs, inputs=[x], outputs=[result]))
         return 1
     dtype = np.dtype(x.dtype)
