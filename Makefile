@@ -45,7 +45,7 @@ cuda-check: $(GPU_VENV)/bin/onnxfold
 	ONNXFOLD_CUDA_CHECK=1 $(GPU_VENV)/bin/python -m pytest -q tests/test_cuda_provider.py
 
 bench: $(BIN)/onnxfold
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Regenerate sample_models/ (needs PyTorch: kept out of the project's dependencies).
 samples:

@@ -6,10 +6,13 @@ Sections:
   2. optimizer cost on a RepVGG-B3-sized train-time model (~500 MB): time against
      onnx.load + onnx.save, and peak RSS against the file size;
   3. scaling: optimize() time per node on synthetic graphs of 1k, 10k and 100k nodes;
-  4. other tools (onnxsim, onnxslim) on the sample networks, where installed.
+  4. other tools (onnxsim, onnxslim) on the sample networks, where installed;
+  5. never slower: onnxfold's output against its input, every train-time sample and each
+     model given with --networks (public classification networks exported by you).
 Then a summary, also written as JSON to build/bench.json.
 
-    python bench/run.py [--quick] [--large-mb N] [--sections samples,large,scaling] [--profile]
+    python bench/run.py [--quick] [--large-mb N] [--sections samples,large,scaling,never-slower]
+                        [--networks MODEL.onnx ...] [--profile]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ SAMPLES = ROOT / "sample_models"
 WORKER = Path(__file__).resolve().parent / "worker.py"
 NETWORKS = ("repvgg_net", "mobileone_net")
 TOOLS = ("onnxsim", "onnxslim")
-SECTIONS = ("samples", "large", "scaling")
+SECTIONS = ("samples", "large", "scaling", "never-slower")
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -128,11 +131,12 @@ def larger_shapes(shape, batch):
     return attempts + [([], list(shape))]
 
 
-def sessions_for(models, input_shape, batch, threads):
+def sessions_for(models, input_shape, batch, threads, enlarge=True):
     """Sessions and one feed for all models, with the largest input that every model takes
-    with equal output shapes. Returns (sessions, feeds, shape, outputs)."""
+    with equal output shapes (the given shape only, unless `enlarge`). Returns (sessions,
+    feeds, shape, outputs)."""
     rng = np.random.default_rng(0)
-    for axes, shape in larger_shapes(input_shape, batch):
+    for axes, shape in larger_shapes(input_shape, batch) if enlarge else [([], list(input_shape))]:
         x = rng.standard_normal(shape).astype(np.float32)
         try:
             sessions = [make_session(with_dynamic_dims(m, axes) if axes else m, threads) for m in models]
@@ -146,7 +150,7 @@ def sessions_for(models, input_shape, batch, threads):
 
 
 def interleaved_samples(sessions, feeds, rounds, sample_seconds=0.0015):
-    """Seconds per run, one sample per session per round; sessions take turns (A,B,C,A,B,C...)."""
+    """Seconds per run, one sample per session per round; sessions take turns (A,B,C,C,B,A...)."""
     inner = []
     for session, feed in zip(sessions, feeds):
         for _ in range(5):
@@ -155,8 +159,11 @@ def interleaved_samples(sessions, feeds, rounds, sample_seconds=0.0015):
         session.run(None, feed)
         inner.append(max(1, int(sample_seconds / max(time.perf_counter() - started, 1e-6))))
     samples = [[] for _ in sessions]
-    for _ in range(rounds):
-        for index, (session, feed) in enumerate(zip(sessions, feeds)):
+    for round_index in range(rounds):
+        # Every other round in reverse order: the session that runs first in a round was
+        # measured up to 3x slower than the next one, the same model in both places.
+        order = list(enumerate(zip(sessions, feeds)))
+        for index, (session, feed) in (order if round_index % 2 == 0 else order[::-1]):
             started = time.perf_counter()
             for _ in range(inner[index]):
                 session.run(None, feed)
@@ -283,6 +290,57 @@ def print_tools(results, tools):
     for r in results:
         for name, error in r["errors"].items():
             print(f"  {r['name']}: {name} failed: {error}")
+
+
+# --- section 5: never slower ----------------------------------------------------------------
+
+def never_slower_models(args):
+    """(name, path, input shape or None) of every train-time sample, then each --networks file."""
+    manifest = SAMPLES / "manifest.json"
+    entries = json.loads(manifest.read_text()) if manifest.exists() else []
+    models = [(f"{e['block']}.{e['variant']}", SAMPLES / e["file"], e.get("input_shape"))
+              for e in entries if e.get("variant") != "oracle" and (SAMPLES / e["file"]).exists()]
+    return models + [(Path(path).stem, Path(path), None) for path in args.networks]
+
+
+def first_input_shape(model):
+    """The first graph input's shape, symbolic dims as 1."""
+    weights = {t.name for t in model.graph.initializer}
+    value = next(v for v in model.graph.input if v.name not in weights)
+    return [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
+
+
+def bench_never_slower(args):
+    heading("5. never slower: onnxruntime CPU latency of onnxfold's output against its input")
+    print(f"interleaved, {args.rounds} rounds over 3 pairs of sessions; ratio = median over the pairs of the "
+          "median of per-round onnxfold/input; samples' inputs "
+          "enlarged as in section 1, --networks models at their own shape")
+    ratios, rows = {}, []
+    for name, path, shape in never_slower_models(args):
+        try:
+            source = onnx.load(str(path))
+            folded, _ = optimize(source)
+            # Three pairs of fresh sessions, a third of the rounds each, the median of their
+            # ratios: two sessions of one graph measured 0.4x to 2x apart on this machine,
+            # for as long as they lived. Samples of 10 ms, not 1.5: sub-millisecond blocks
+            # on a busy machine otherwise give ratios of a scheduler's time slice.
+            pair_ratios, samples = [], [[], []]
+            for _ in range(3):
+                sessions, feeds, used, _ = sessions_for([source, folded], shape or first_input_shape(source),
+                                                        args.batch, args.threads, enlarge=shape is not None)
+                pair = interleaved_samples(sessions, feeds, max(1, args.rounds // 3), sample_seconds=0.01)
+                pair_ratios.append(paired_ratio(pair[1], pair[0]))
+                samples = [samples[0] + pair[0], samples[1] + pair[1]]
+        except Exception as error:  # noqa: BLE001 - one broken model must not stop the bench
+            print(f"  {name}: failed: {short_error(error)}")
+            continue
+        ratios[name] = statistics.median(pair_ratios)
+        rows.append([name, "x".join(map(str, used)), f"{len(source.graph.node)}/{len(folded.graph.node)}",
+                     ms(statistics.median(samples[0])), ms(statistics.median(samples[1])),
+                     f"{ratios[name]:.3f}"])
+    print_table(["model", "input", "nodes in/out", "input ms", "onnxfold ms", "onnxfold/input"], rows)
+    worst = max(ratios, key=ratios.get) if ratios else None
+    return {"ratios": ratios, "worst": worst}
 
 
 # --- worker processes ----------------------------------------------------------------------
@@ -444,6 +502,12 @@ def summary(results):
     per_node = [f"{r['size'] // 1000}k {r['us_per_node']:.0f} us" for r in scaling.get("runs", [])]
     per_node += [f"{size // 1000}k {why}" for size, why in scaling.get("skipped", {}).items()]
     print("optimize time per node: " + ("; ".join(per_node) or "-"))
+    never = results.get("never-slower")
+    if never and never["worst"]:
+        ratios = never["ratios"]
+        slower = sorted(name for name, ratio in ratios.items() if ratio > 1.02)
+        print(f"never slower: worst onnxfold/input latency {ratios[never['worst']]:.3f} ({never['worst']}) over "
+              f"{len(ratios)} models; above 1.02: {', '.join(slower) or 'none'}")
     samples = results.get("samples", [])
     for network in NETWORKS:
         rows = [r for r in samples if r["block"] == network]
@@ -480,6 +544,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=60, help="latency rounds per block (2x for networks)")
     parser.add_argument("--scaling-budget", type=float, default=300,
                         help="skip (or stop) a scaling size whose optimize() would take longer (s)")
+    parser.add_argument("--networks", nargs="*", default=[],
+                        help="more models for the never-slower section (e.g. an exported DenseNet-121)")
     parser.add_argument("--profile", action="store_true", help="cProfile optimize() on the largest chain")
     parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
                         help="comma-separated, of: " + ",".join(SECTIONS) + " (tools come with samples)")
@@ -507,6 +573,8 @@ def main(argv=None):
             results["scaling"] = bench_scaling(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if "never-slower" in args.sections:
+        results["never-slower"] = bench_never_slower(args)
     if "samples" in args.sections:
         print_tools(results["samples"], tools)
     summary(results)

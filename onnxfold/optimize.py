@@ -16,6 +16,7 @@ from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
 from .modelio import complaints, copy_without, load_model, validity_complaint, without_large_weights
 from .normalize import normalize
+from .runtime_forms import write_runtime_forms
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
@@ -71,6 +72,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     normalized = None
     for scope, engine in zip(scopes, engines):
         counts = _rewrite_to_fixpoint(scope, engine, passes)
+        counts.update(write_runtime_forms(scope, names))  # once the rules are done: they match the old forms
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     rewrites = [r for e in engines for r in e.rewrites]

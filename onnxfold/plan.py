@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import cost
 from .errors import CannotTell, OnnxfoldError
 from .graph import attributes, is_constant, producer
 from .pattern import Match
@@ -58,7 +59,7 @@ def plan_rewrite(rule: Rule, match: Match, own_nodes: set, graph_outputs) -> Pla
         except CannotTell as error:
             failure = (f"the arithmetic cannot be done: {error}", _compute_inputs(rule, match))
         else:
-            failure = _cast_weights(rule, match, computed)
+            failure = _cast_weights(rule, match, computed) or _raises_cost(rule, match, computed)
     if failure is not None:
         reason, values = failure
         return Miss(rule.name, match.nodes[rule.root.text].name, reason, values)
@@ -259,3 +260,51 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# --- the cost guard ------------------------------------------------------------------------
+
+def _raises_cost(rule, match, computed):
+    """The rewrite may not raise the parameters or multiply-adds of what it replaces,
+    unless the rule's `merge_step` holds: the new node is then a step towards a merge that
+    removes it (DBB's pooled branch joins a KxK conv that is there anyway)."""
+    raised = cost.compare(_pattern_cost(rule, match), _result_cost(rule, match, computed))
+    if raised is None:
+        return None
+    names = _compute_inputs(rule, match)
+    if rule.merge_step is None:
+        return f"the rewrite {raised}", names
+    try:
+        reason = PREDICATES[rule.merge_step.function](*[_predicate_arg(a, match) for a in rule.merge_step.args])
+    except CannotTell as error:
+        reason = f"{rule.merge_step.function} cannot tell: {error}"
+    return (f"the rewrite {raised}, and is no step towards a merge: {reason}", names) if reason else None
+
+
+def _pattern_cost(rule, match):
+    nodes = [match.nodes[line.text] for line in rule.pattern]
+    params = cost.parameters(t for node in nodes for t in node.inputs)
+    return params, _sum_known(cost.multiply_adds(node.op, [cost.shape_of(t) for t in node.inputs],
+                                                 cost.shape_of(node.outputs[0])) for node in nodes)
+
+
+def _result_cost(rule, match, computed):
+    def value(arg):
+        if not isinstance(arg, Name):
+            return None
+        return computed[arg.name] if arg.name in computed else match.values.get(arg.name)
+
+    inputs = [value(arg) for line in rule.result for arg in line.args]
+    params = cost.parameters(v for v in inputs if isinstance(v, np.ndarray) or (v is not None and is_constant(v)))
+    root = rule.root.targets[0]
+    macs = []
+    for line in rule.result:
+        output = match.values[root] if line.targets[0] == root else None
+        macs.append(cost.multiply_adds(line.function, [cost.shape_of(value(a)) for a in line.args],
+                                       cost.shape_of(output)))
+    return params, _sum_known(macs)
+
+
+def _sum_known(counts):
+    counts = list(counts)
+    return None if None in counts else sum(counts)

@@ -464,3 +464,70 @@ def feature_scale(scale, linear_output):
     if any(size != 1 for size in shape[:-1]) or (shape and shape[-1] not in (1, features)):
         return f"'{scale.name}' of shape {list(shape)} does not scale the {features} output features only"
     return None
+
+
+# --- the cost guard's merge steps (plan.py) ---------------------------------------------------
+
+_SUMS = ("Add", "Sum")
+
+
+def _below_bns(value):
+    """`value`, or the output of the inference BNs it alone feeds, one after another."""
+    while len(value.outputs) == 1 and value.outputs[0].op == "BatchNormalization":
+        value = value.outputs[0].outputs[0]
+    return value
+
+
+def _above_bns(node):
+    while node is not None and node.op == "BatchNormalization":
+        node = _node(node.inputs[0])
+    return node
+
+
+def _sum_terms(top):
+    """The nodes computing the terms of a tree of Adds (BNs on a term looked through)."""
+    terms, todo = [], [top]
+    while todo:
+        for tensor in todo.pop().inputs:
+            node = _above_bns(_node(tensor))
+            if node is not None and node.op in _SUMS:
+                todo.append(node)
+            elif node is not None:
+                terms.append(node)
+    return terms
+
+
+def _through_pointwise(value) -> list:
+    """`value`, and the inputs of the 1x1 convs that compute it, one above another: a 1x1
+    conv before a k x k one folds into it (fold-pointwise-into-conv)."""
+    values = [value]
+    node = _node(value)
+    while node is not None and node.op == "Conv" and all(k == 1 for k in _weight_shape(node.outputs[0])[2:]):
+        values.append(node.inputs[0])
+        node = _node(node.inputs[0])
+    return values
+
+
+@predicate
+def summed_with_conv(value, pool_output, source):
+    """`value` is a term of a sum that also holds a conv of `source` (or of the input of
+    the 1x1 conv computing it) whose kernel covers the pool's window, at its strides: the
+    conv the pooled branch becomes then merges into that one (DBB), so making it is a step
+    towards a merge that removes it."""
+    term = _below_bns(value)
+    if len(term.outputs) != 1 or term.outputs[0].op not in _SUMS:
+        return f"'{term.name}' is not a term of a sum"
+    top = term.outputs[0]
+    while len(top.outputs[0].outputs) == 1 and top.outputs[0].outputs[0].op in _SUMS:
+        top = top.outputs[0].outputs[0]
+    pool = attributes(_node(pool_output))
+    sources = _through_pointwise(source)
+    for node in _sum_terms(top):
+        if node.op != "Conv" or not any(node.inputs[0] is s for s in sources):
+            continue
+        attrs = attributes(node)
+        covers = all(k >= p for k, p in zip(attrs["kernel_shape"], pool["kernel_shape"]))
+        if covers and list(attrs["strides"]) == list(pool["strides"]) and not any(d != 1 for d in attrs["dilations"]):
+            return None
+    return (f"no conv of '{source.name}' in the sum '{top.outputs[0].name}' has a kernel covering "
+            f"{list(pool['kernel_shape'])} at strides {list(pool['strides'])}")

@@ -51,6 +51,7 @@ class Rule:
     counterexamples: list = field(default_factory=list)
     source: str = ""
     benefit: int = 0  # the order among rules rooted at one op: higher first
+    merge_step: Call | None = None  # where a rewrite that raises the cost may still be done
 
     @property
     def root(self) -> Call:
@@ -115,7 +116,7 @@ def load_rule_file(path) -> Rule:
 
 
 _KEYS = ("name", "summary", "description", "benefit", "pattern", "when", "compute", "result", "examples",
-         "counterexamples")
+         "counterexamples", "merge_step")
 
 
 def _build_rule(data, path) -> Rule:
@@ -140,6 +141,7 @@ def _build_rule(data, path) -> Rule:
         counterexamples=_cases(data, "counterexamples", ("reason",)),
         source=str(path),
         benefit=_benefit(data, pattern),
+        merge_step=_merge_step(data),
     )
 
 
@@ -156,6 +158,16 @@ def _benefit(data, pattern) -> int:
     if isinstance(benefit, bool) or not isinstance(benefit, int) or benefit < 0:
         raise RuleError(f"'benefit' must be a whole number, 0 or more, not {benefit!r}")
     return benefit
+
+
+def _merge_step(data):
+    """`merge_step`: a predicate that, where the rewrite raises the parameters or
+    multiply-adds (plan.py's cost guard), must hold for it to be done anyway."""
+    if "merge_step" not in data:
+        return None
+    if not isinstance(data["merge_step"], str):
+        raise RuleError("'merge_step' must be a string: one predicate call")
+    return parse_call(data["merge_step"])
 
 
 def _strings(data, key) -> list:
@@ -194,7 +206,7 @@ def _validate(rule: Rule) -> None:
     free_values = {arg.name for line in rule.pattern for arg in line.args
                    if isinstance(arg, Name) and arg.name not in pattern_values}
     bound = pattern_values | free_values
-    for line in rule.when:
+    for line in rule.when + ([rule.merge_step] if rule.merge_step else []):
         _check_call(line, PREDICATES, "predicate", bound, producers)
         if line.targets:
             raise RuleError(f"when line '{line.text}' assigns names: a predicate only holds or not")

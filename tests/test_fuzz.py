@@ -511,7 +511,16 @@ class RandomGraph(GraphBuilder):
         return self.node("Add", [branch, other] if self.chance(0.5) else [other, branch], shape)
 
     def m_pool_bn(self, x):
-        return self.bn(self.avgpool(x, count_include_pad=self.pick([1, 1, 0, None])), allow_training=False)
+        if self.chance(0.5):  # alone: the cost guard keeps it (a depthwise kernel where none was)
+            return self.bn(self.avgpool(x, count_include_pad=self.pick([1, 1, 0, None])), allow_training=False)
+        # DBB's depthwise pooled branch, summed with the 3x3 conv it merges into
+        shape = self.shapes[x]
+        pooled = self.bn(self.avgpool(x, kernel=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                                      count_include_pad=self.pick([1, 1, 0])), allow_training=False)
+        group = self.pick([1, shape[1]])
+        conv = self.conv(x, {"out": shape[1], "group": group, "kernel": [3, 3], "strides": [1, 1],
+                             "dilations": [1, 1], "pads": [1, 1, 1, 1]})
+        return self.node("Add", [conv, pooled] if self.chance(0.5) else [pooled, conv], shape)
 
     def m_convtranspose_bn(self, x):
         """ConvTranspose (any group, stride, pads) then BN."""
