@@ -24,6 +24,29 @@ from .plan import Plan, plan_rewrite
 from .weights import release_values
 
 
+class NodeSet:
+    """Nodes by identity, each held while it is in the set.
+
+    A set of id()s is not enough: once a node is freed its id can be handed to a new node,
+    which would then count as removed (never rewritten) or as this graph's own.
+    """
+
+    def __init__(self, nodes=()):
+        self._nodes = {id(node): node for node in nodes}
+
+    def __contains__(self, node) -> bool:
+        return id(node) in self._nodes
+
+    def add(self, node) -> None:
+        self._nodes[id(node)] = node
+
+    def update(self, nodes) -> None:
+        self._nodes.update((id(node), node) for node in nodes)
+
+    def discard(self, node) -> None:
+        self._nodes.pop(id(node), None)
+
+
 @dataclass
 class Rewrite:
     rule: str
@@ -38,13 +61,19 @@ class Engine:
         for rule in sorted(rules, key=lambda rule: (-rule.benefit, rule.name)):
             self.rules_by_op.setdefault(rule.root.function, []).append(rule)
         self.names = names or NameSource([graph])
-        self.own_nodes = {id(node) for node in graph.nodes}
-        self.removed: set = set()
+        self.own_nodes = NodeSet(graph.nodes)
+        self.removed = NodeSet()  # disconnected nodes: holding them costs little
         self.rewrites: list = []
         self.misses: dict = {}  # (rule, node name) -> the latest Miss seen
         self.computed_weights: dict = {}  # id -> weak reference, for each constant a fold made
 
+    def take_graph_nodes(self) -> None:
+        """Count the graph's nodes as its own: clean-ups and passes add nodes between runs
+        (an inlined If branch, a regrouped sum), and rules must see those too."""
+        self.own_nodes.update(self.graph.nodes)
+
     def run(self) -> None:
+        self.take_graph_nodes()
         budget = len(self.rewrites) + len(self.graph.nodes) + 1
         while self._sweep(self._live_nodes()):
             if len(self.rewrites) > budget:
@@ -56,7 +85,7 @@ class Engine:
         return [miss for (_, node), miss in self.misses.items() if node in live]
 
     def _live_nodes(self) -> list:
-        return [node for node in self.graph.nodes if id(node) not in self.removed]
+        return [node for node in self.graph.nodes if node not in self.removed]
 
     def _sweep(self, nodes) -> bool:
         queue, queued = deque(nodes), {id(node) for node in nodes}
@@ -64,11 +93,11 @@ class Engine:
         while queue:
             node = queue.popleft()
             queued.discard(id(node))
-            if id(node) in self.removed:
+            if node in self.removed:
                 continue
             for follow_up in self._rewrite_at(node):
                 fired = True
-                if id(follow_up) not in queued and id(follow_up) not in self.removed:
+                if id(follow_up) not in queued and follow_up not in self.removed:
                     queue.append(follow_up)
                     queued.add(id(follow_up))
         return fired
@@ -95,8 +124,8 @@ class Engine:
 
     def _apply(self, plan: Plan) -> list:
         change = apply_plan(self.graph, plan, self.names)
-        self.removed |= {id(node) for node in change.removed}
-        self.own_nodes |= {id(node) for node in change.added}
+        self.removed.update(change.removed)
+        self.own_nodes.update(change.added)
         self.rewrites.append(Rewrite(plan.rule.name, [n.name for n in change.removed],
                                      [n.name for n in change.added]))
         self._free_used_up_weights(change)

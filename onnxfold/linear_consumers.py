@@ -65,7 +65,7 @@ def fold_bn_into_linear_consumers(graph, engine) -> int:
         for site, weights in zip(sites, new):
             _rewire(site, weights, engine.names)
         _bypass(node)
-        engine.removed.add(id(node))
+        engine.removed.add(node)
         engine.misses.pop((RULE, node.name), None)
         engine.rewrites.append(_rewrite(node, sites))
         folded += 1
@@ -92,7 +92,7 @@ def _linear_sites(bn, graph_outputs, own_nodes) -> list:
         if id(value) in graph_outputs:
             raise _Refused(f"'{value.name}' is a graph output: it must keep the BN")
         for consumer in value.outputs:
-            if id(consumer) not in own_nodes:
+            if consumer not in own_nodes:
                 raise _Refused(f"'{value.name}' is read inside a nested graph (by '{consumer.name}')")
             if consumer.op == "MatMul" or consumer.op == "Gemm":
                 sites.append(_linear_site(consumer, value, axis, shape, channels, graph_outputs))

@@ -44,10 +44,10 @@ class Plan:
     attrs: list
 
 
-def plan_rewrite(rule: Rule, match: Match, own_nodes: set, graph_outputs) -> Plan | Miss:
+def plan_rewrite(rule: Rule, match: Match, own_nodes, graph_outputs) -> Plan | Miss:
     """The Plan for `match`, or the Miss of the first check it fails.
 
-    `own_nodes` holds the ids of this graph's nodes (a pattern may not reach into an
+    `own_nodes` holds this graph's nodes (a pattern may not reach into an
     enclosing graph); `graph_outputs` are the values the graph must keep.
     """
     failure = (_outside_the_graph(match, own_nodes) or _removed_values_private(rule, match, graph_outputs)
@@ -70,7 +70,7 @@ def plan_rewrite(rule: Rule, match: Match, own_nodes: set, graph_outputs) -> Pla
 
 def _outside_the_graph(match, own_nodes):
     for node in match.nodes.values():
-        if id(node) not in own_nodes:
+        if node not in own_nodes:
             return "the pattern reaches into an enclosing graph", tuple(t.name for t in node.outputs)
     return None
 

@@ -31,6 +31,7 @@ def regroup_sums(graph: gs.Graph, engine) -> int:
     kept = {id(tensor) for tensor in graph.outputs}
     kept |= {id(tensor) for inner in graph.subgraphs(recursive=True) for node in inner.nodes
              for tensor in node.inputs}
+    engine.take_graph_nodes()
     roots = [node for node in graph.nodes if _is_sum(node) and not _is_inner(node, kept)]
     return sum(_regroup(graph, engine, root, kept) for root in roots)
 
@@ -59,7 +60,7 @@ def _tree(root, kept, own):
     def walk(node):
         for tensor in node.inputs:
             source = producer(tensor)
-            if source is not None and id(source) in own and _is_sum(source) and _is_inner(source, kept):
+            if source is not None and source in own and _is_sum(source) and _is_inner(source, kept):
                 walk(source)
             else:
                 terms.append(tensor)
@@ -106,11 +107,11 @@ def _merge(graph, engine, a, b, root) -> bool:
     result = gs.Variable(f"{root.name}_trial", dtype=root.outputs[0].dtype)
     trial = gs.Node("Add", f"{root.name}_trial", inputs=[a, b], outputs=[result])
     infer_output_shapes(trial, graph.opset)
-    engine.own_nodes.add(id(trial))
+    engine.own_nodes.add(trial)
     try:
         return engine.first_plan(trial, {}) is not None
     finally:
-        engine.own_nodes.discard(id(trial))
+        engine.own_nodes.discard(trial)
         trial.inputs.clear()
         trial.outputs.clear()
 
@@ -150,7 +151,7 @@ def _rebuild(graph, engine, nodes, terms, pairs) -> None:
         value = item[0] if len(item) == 1 else add(*item, last=last and total is None)
         total = value if total is None else add(total, value, last=last)
     graph.nodes[position:position] = added
-    engine.own_nodes |= {id(node) for node in added}
+    engine.own_nodes.update(added)
 
 
 def unstack_sums(graph: gs.Graph) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
 from onnxfold import optimize
+from onnxfold.engine import Engine, NodeSet
 from onnxfold.errors import OnnxfoldError
 from onnxfold.graph import use_numpy_types
 from onnxfold.names import NameSource, name_nodes
@@ -16,7 +18,7 @@ from onnxfold.pattern import matches_at
 from onnxfold.plan import Miss, Plan, plan_rewrite
 from onnxfold.ruleset import builtin_rules_dir, load_rule_file, load_rules
 
-from .helpers import model_from_text
+from .helpers import assert_same_function, model_from_text
 
 CONV_BN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -48,7 +50,7 @@ def _snapshot(graph) -> bytes:
 def _plans_at_root(graph, rule_name):
     rule = next(rule for rule in load_rules() if rule.name == rule_name)
     root = next(node for node in graph.nodes if node.op == rule.root.function)
-    own = {id(node) for node in graph.nodes}
+    own = NodeSet(graph.nodes)
     return [plan_rewrite(rule, match, own, graph.outputs) for match in matches_at(rule, root)]
 
 
@@ -129,3 +131,58 @@ def test_a_duplicate_node_name_is_renamed_after_its_position():
     graph.nodes[0].name = graph.nodes[1].name = "block"
     name_nodes(graph, NameSource([graph]))
     assert [node.name for node in graph.nodes] == ["block", "block_1"]
+
+
+_CONV_BN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,5,5] x, float[2,2,3,3] W, float[2] gamma, float[2] beta, float[2] mean, float[2] var) => (float[1,2,3,3] y) {
+  c = Conv(x, W)
+  y = BatchNormalization(c, gamma, beta, mean, var)
+}
+"""
+
+
+_BN_STATS = [np.full(2, value, dtype=np.float32) for value in (1.5, 0.25, 0.5, 2.0)]
+
+
+def test_nodes_made_after_a_cleanup_are_still_rewritten():
+    """The engine outlives graph.cleanup() (rules and clean-ups take turns). A node made
+    after the nodes a rewrite removed were freed may get one of their ids: it must still
+    count as a live node of this graph. With sets of ids it was skipped, at random."""
+    import gc
+
+    rules = [load_rule_file(builtin_rules_dir() / "fold-bn-into-conv.toml")]
+    graph = _graph(_CONV_BN)
+    engine = Engine(graph, rules, NameSource([graph]))
+    for round_ in range(30):
+        engine.run()
+        graph.cleanup()
+        assert [node.op for node in graph.nodes] == ["Conv"], round_
+        gc.collect()  # frees the removed nodes: their ids are up for reuse
+        conv = graph.nodes[-1]
+        stats = [gs.Constant(f"s{round_}_{k}", value) for k, value in enumerate(_BN_STATS)]
+        out = gs.Variable(f"y{round_}", dtype=conv.outputs[0].dtype, shape=conv.outputs[0].shape)
+        graph.nodes.append(gs.Node("BatchNormalization", f"bn{round_}", inputs=[conv.outputs[0], *stats],
+                                   outputs=[out]))
+        graph.outputs = [out]
+    assert len(engine.rewrites) == 30
+
+
+def test_rules_fire_in_an_inlined_constant_if_branch():
+    """Nodes a clean-up brings into the graph (an If's taken branch) are the graph's own."""
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,5,5] x, float[2,2,3,3] W, float[2] gamma, float[2] beta, float[2] mean, float[2] var) => (float[1,2,3,3] y) {
+  cond = Constant<value=bool {1}>()
+  y = If(cond) <then_branch = t () => (float[1,2,3,3] yt) {
+      c = Conv(x, W)
+      yt = BatchNormalization(c, gamma, beta, mean, var)
+    }, else_branch = e () => (float[1,2,3,3] ye) {
+      ye = Conv(x, W)
+    }>
+}
+"""
+    model = model_from_text(text)
+    optimized, report = optimize(model)
+    assert [node.op_type for node in optimized.graph.node] == ["Conv"], report.render(explain=True)
+    assert_same_function(model, optimized)
