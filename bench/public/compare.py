@@ -1,8 +1,8 @@
 """onnxfold against onnxsim and onnxslim on the public-model set (`make bench-public`).
 
 A benchmark, not a test: it prints, never fails. Per model of build/benchset/manifest.json
-(written by make_set.py): each tool runs 3 times in a fresh process of its own (a crash
-costs one cell), and this records
+(written by make_set.py): each tool runs 3 times, in a fresh process for the model (a
+crash costs that tool's cell, the others run in a new process), and this records
   - node counts of the input and of each tool's output, and the op types a peer removed
     that onnxfold kept (the histogram difference);
   - optimizer wall time, median of 3;
@@ -12,7 +12,8 @@ costs one cell), and this records
     max abs diff on all outputs, with integer inputs drawn within their embedding range; `changed` when it exceeds 1e-3 of the
     reference's magnitude (or shapes differ);
   - whether a tool crashed, refused the model, or printed anything.
-Then a table, geometric means, and build/bench-public.json.
+Then a table, geometric means, and build/bench-public.json. Latency sessions are run.py's
+(ORT_ENABLE_ALL, sequential) with intra-op spinning off.
 
 Runs in the benchset venv (`make benchset`), with onnxfold installed there editable.
 
@@ -38,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run import geomean, interleaved_samples, make_session, paired_ratio, print_table, short_error  # noqa: E402
+from run import geomean, interleaved_samples, paired_ratio, print_table, short_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("onnxfold", "onnxsim", "onnxslim")
@@ -82,14 +83,15 @@ class CapturedOutput:
         self.file.close()
 
 
-def run_tool(name, source, target) -> dict:
+def run_tool(name, model, target) -> dict:
     function = tool_function(name)
-    model = onnx.load(source)
     seconds, printed = [], ""
     for _ in range(REPEATS):
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)  # a tool may change its argument: each run gets the input as exported
         with CapturedOutput() as captured:
             started = time.perf_counter()
-            result = function(model)
+            result = function(fresh)
             seconds.append(time.perf_counter() - started)
         printed = printed or captured.text
     onnx.save(result, target)
@@ -97,16 +99,39 @@ def run_tool(name, source, target) -> dict:
             "printed": printed.strip().splitlines()[:3]}
 
 
-def run_child(name, source, target) -> dict:
-    command = [sys.executable, __file__, "--child", name, str(source), str(target)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {TIMEOUT_S} s"}
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["(no output)"]
-        return {"error": f"exit code {done.returncode}: {lines[-1].strip()[:200]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_tools(source, scratch, tools) -> None:
+    """The child: each tool in turn on one model, one JSON line per tool as it finishes."""
+    model = onnx.load(source)
+    for name in tools:
+        try:
+            result = run_tool(name, model, str(Path(scratch) / f"{name}.onnx"))
+        except Exception as error:  # noqa: BLE001 - the tool's failure is the finding
+            result = {"error": short_error(error)}
+        print(json.dumps({"tool": name, **result}), flush=True)
+
+
+def run_children(source, scratch) -> dict:
+    """{tool: result} for every tool, in as few fresh processes as crashes allow: a child
+    that dies (a native crash, a timeout) is charged to the tool it was running."""
+    results, left = {}, list(TOOLS)
+    while left:
+        command = [sys.executable, __file__, "--child", str(source), str(scratch), *left]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S * len(left))
+            stdout, failure = done.stdout, done.returncode and f"exit code {done.returncode}"
+            stderr = done.stderr
+        except subprocess.TimeoutExpired as expired:
+            stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            failure, stderr = f"timed out after {TIMEOUT_S * len(left)} s", ""
+        for line in stdout.splitlines():
+            if line.startswith('{"tool"'):
+                entry = json.loads(line)
+                results[entry.pop("tool")] = entry
+        left = [t for t in left if t not in results]
+        if left:
+            last = ([ln for ln in stderr.strip().splitlines() if ln.strip()] or [""])[-1].strip()[:200]
+            results[left.pop(0)] = {"error": f"{failure or 'no result'}: {last}"}
+    return results
 
 
 # --- inputs, parity and latency ----------------------------------------------------------------
@@ -156,16 +181,14 @@ def bench_entry(entry, folder, scratch, args):
     result = {"file": entry["file"], "name": entry["name"], "exporter": entry["exporter"],
               "seconds": {}, "errors": {}, "printed": {}}
     models = {"input": onnx.load(str(source))}
-    for tool in TOOLS:
-        target = scratch / f"{tool}.onnx"
-        r = run_child(tool, source, target)
+    for tool, r in run_children(source, scratch).items():
         if "error" in r:
             result["errors"][tool] = r["error"]
             continue
         result["seconds"][tool] = r["seconds"]
         if r["printed"]:
             result["printed"][tool] = r["printed"]
-        models[tool] = onnx.load(str(target))
+        models[tool] = onnx.load(str(scratch / f"{tool}.onnx"))
     result["nodes"] = {k: len(m.graph.node) for k, m in models.items()}
     histograms = {k: op_histogram(m) for k, m in models.items()}
     if "onnxfold" in models:
@@ -173,6 +196,19 @@ def bench_entry(entry, folder, scratch, args):
                                       for peer in ("onnxsim", "onnxslim") if peer in models}
     measure_outputs(result, models, feeds_for(entry), args)
     return result
+
+
+def timed_session(model, threads):
+    """run.py's session, with spinning off: on a shared machine, intra-op threads that spin
+    while waiting for a core make every latency a measure of the neighbours."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def plain_outputs(model, feed, threads):
@@ -191,7 +227,7 @@ def measure_outputs(result, models, feed, args):
     for name, model in models.items():
         try:
             outputs[name] = plain_outputs(model, feed, args.threads)
-            sessions[name] = make_session(model, args.threads)
+            sessions[name] = timed_session(model, args.threads)
         except Exception as error:  # noqa: BLE001 - a tool's output onnxruntime refuses
             result["errors"][f"{name} in onnxruntime"] = short_error(error)
     result["max_abs_diff"], result["changed"] = {}, {}
@@ -232,6 +268,28 @@ def print_results(results):
                      ", ".join(flags)])
     print_table(["model.exporter", "nodes in/fold/sim/slim", "opt s fold/sim/slim", "fold ms",
                  "lat in/sim/slim vs fold", "max|diff| fold/sim/slim", "notes"], rows)
+
+
+def markdown(results, means, info):
+    """The table for the README: nodes, latency against onnxfold's output, optimizer seconds."""
+    lines = [f"{info['date']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "; "
+             f"onnxruntime CPU, {info['threads']} threads, {info['rounds']} interleaved rounds", "",
+             "| model (exporter) | nodes input / onnxfold / onnxsim / onnxslim "
+             "| latency onnxfold ms | onnxsim / onnxfold | onnxslim / onnxfold "
+             "| optimizer s onnxfold / onnxsim / onnxslim | onnxfold max abs diff | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        nodes, sec, vs = r["nodes"], r["seconds"], r.get("vs_onnxfold", {})
+        notes = [f"{t}: {r['errors'][t]}" for t in TOOLS if t in r["errors"]]
+        notes += [f"{t} changed the function" for t in TOOLS if r["changed"].get(t) and t not in r["errors"]]
+        latency = r.get("latency", {}).get("onnxfold")
+        lines.append(f"| {r['name']} ({r['exporter']}) | " + " / ".join(str(nodes.get(k, "-")) for k in ("input", *TOOLS))
+                     + f" | {cell(latency and latency * 1e3, '.2f')} | {cell(vs.get('onnxsim'), '.2f')}x"
+                     f" | {cell(vs.get('onnxslim'), '.2f')}x | " + " / ".join(cell(sec.get(t), ".2f") for t in TOOLS)
+                     + f" | {cell(r.get('max_abs_diff', {}).get('onnxfold'), '.0e')} | {'; '.join(notes)} |")
+    lines += ["", "| geometric mean | value | models |", "| --- | --- | --- |"]
+    lines += [f"| {key} | {cell(value, '.2f')}x | {n} |" for key, (value, n) in means.items()]
+    return "\n".join(lines) + "\n"
 
 
 def summary(results):
@@ -276,8 +334,7 @@ def versions():
 
 def main(argv) -> int:
     if argv[:1] == ["--child"]:
-        name, source, target = argv[1:4]
-        print(json.dumps(run_tool(name, source, target)))
+        run_tools(argv[1], argv[2], argv[3:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, default=ROOT / "build" / "benchset")
@@ -322,7 +379,8 @@ def main(argv) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**info, "results": results,
                                      "geomeans": {k: v for k, (v, _) in means.items()}}, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    args.json.with_suffix(".md").write_text(markdown(results, means, info))
+    print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
 
 

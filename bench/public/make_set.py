@@ -196,6 +196,9 @@ def stub_torchvision_ops():
 def export_one(name, exporter, path) -> dict:
     import torch
     stub_torchvision_ops()
+    # nn.MultiheadAttention's inference fast path is one fused op the TorchScript exporter
+    # cannot write (aten::_native_multi_head_attention); the plain path exports.
+    torch.backends.mha.set_fastpath_enabled(False)
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
     randomize_batchnorm(model)
