@@ -17,7 +17,7 @@ Then a table, geometric means, and build/bench-public.json. Latency sessions are
 
 Runs in the benchset venv (`make benchset`), with onnxfold installed there editable.
 
-    python bench/public/compare.py [--set build/benchset] [--only NAME,...] [--exporters torchscript,dynamo] [--rounds 10] [--threads 2]
+    python bench/public/compare.py [--set build/benchset] [--only NAME,...] [--exporters torchscript,dynamo] [--rounds 10] [--threads 2] [--update]
 """
 
 from __future__ import annotations
@@ -343,6 +343,8 @@ def main(argv) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench-public.json")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models' results in --json, replace those measured now")
     args = parser.parse_args(argv)
     manifest = args.set / "manifest.json"
     if not manifest.exists():
@@ -369,6 +371,11 @@ def main(argv) -> int:
                 continue
             results.append(r)
             print(f"{entry['file']}: nodes {r['nodes']}, {time.perf_counter() - started:.0f} s", flush=True)
+    if args.update and args.json.exists():
+        order = [e["file"] for e in json.loads(manifest.read_text())]
+        measured = {r["file"] for r in results}
+        kept = [r for r in json.loads(args.json.read_text())["results"] if r["file"] not in measured]
+        results = sorted(kept + results, key=lambda r: order.index(r["file"]) if r["file"] in order else len(order))
     print()
     print_results(results)
     means = summary(results)

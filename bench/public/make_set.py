@@ -115,8 +115,9 @@ def timm_model(name):
 
 def ultralytics_model(yaml, size):
     def build():
-        from ultralytics import YOLO
-        model = YOLO(yaml).model  # built from the yaml: random weights, nothing downloaded
+        import ultralytics
+        family = ultralytics.RTDETR if yaml.startswith("rtdetr") else ultralytics.YOLO
+        model = family(yaml).model  # built from the yaml: random weights, nothing downloaded
         for module in model.modules():  # the head's export form, as ultralytics' exporter sets it
             if hasattr(module, "export"):
                 module.export = True
