@@ -191,6 +191,7 @@ def bench_entry(entry, folder, scratch, args):
         models[tool] = onnx.load(str(scratch / f"{tool}.onnx"))
     result["nodes"] = {k: len(m.graph.node) for k, m in models.items()}
     histograms = {k: op_histogram(m) for k, m in models.items()}
+    result["ops"] = {k: dict(sorted(h.items())) for k, h in histograms.items()}
     if "onnxfold" in models:
         result["kept_by_onnxfold"] = {peer: kept_by_onnxfold(histograms["onnxfold"], histograms[peer])
                                       for peer in ("onnxsim", "onnxslim") if peer in models}
