@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := sample_models/repvgg_net.ts_preserve.onnx
 
-.PHONY: demo test fuzz cuda-check bench samples clean
+.PHONY: demo test fuzz cuda-check bench samples benchset bench-public clean
 
 $(BIN)/onnxfold: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,28 @@ samples:
 	$(PYTHON) -m venv .venv-export
 	.venv-export/bin/python -m pip install --quiet torch==2.13.0 onnx onnxscript onnxruntime numpy
 	.venv-export/bin/python sample_models/make_samples.py
+
+# The public-model set (torchvision, transformers, timm, ultralytics with random weights) and
+# onnxsim/onnxslim to compare with: a venv of its own, never a dependency of onnxfold.
+BENCH_VENV := .venv-benchset
+BENCHSET   ?= build/benchset
+
+$(BENCH_VENV)/bin/onnxfold: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0 torchvision transformers timm ultralytics \
+		onnx onnxscript onnxruntime onnxsim onnxslim numpy
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+# Export the set into $(BENCHSET) (about 10 minutes on 2 cores).
+benchset: $(BENCH_VENV)/bin/onnxfold
+	$(BENCH_VENV)/bin/python bench/public/make_set.py --out $(BENCHSET)
+
+# onnxfold against onnxsim and onnxslim on the set (about 15 minutes on 2 cores).
+bench-public: $(BENCH_VENV)/bin/onnxfold
+	test -f $(BENCHSET)/manifest.json || $(MAKE) benchset
+	$(BENCH_VENV)/bin/python bench/public/compare.py --set $(BENCHSET)
 
 clean:
 	rm -rf build $(VENV) $(GPU_VENV) *.egg-info
