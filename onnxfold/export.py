@@ -28,8 +28,8 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
     # Inputs and outputs keep their names and what they hold: declared as the input did.
     declared = {info.name: info for info in [*original.graph.input, *original.graph.output]}
-    target.input.extend(_value_info(t, declared) for t in graph.inputs)
-    target.output.extend(_value_info(t, declared) for t in graph.outputs)
+    target.input.extend(value_info(t, declared) for t in graph.inputs)
+    target.output.extend(value_info(t, declared) for t in graph.outputs)
     tensors = graph.tensors()
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
@@ -42,7 +42,7 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _value_info(tensor, declared: dict) -> onnx.ValueInfoProto:
+def value_info(tensor, declared: dict) -> onnx.ValueInfoProto:
     """A graph input or output, declared as the input did: no rewrite changes a value's
     type, graph-surgeon cannot export optional or map types, and a dynamic size written
     as -1 stays as it was (graph-surgeon's shapes read it as unknown)."""

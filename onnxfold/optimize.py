@@ -13,13 +13,14 @@ from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_cons
 from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .graph import dims_of, use_numpy_types, without_negative_dims
-from .modelio import complaints, copy_without, load_model, validity_complaint, without_large_weights
+from .graph import use_numpy_types
+from .modelio import complaints, copy_without, load_model, validity_complaint
 from .normalize import normalize
 from .runtime_forms import write_runtime_forms
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
+from .shapes import apply_inferred_shapes, refine_shapes
 from .sums import regroup_sums, unstack_sums
 from .weights import constants_of, hold_apart_from_input, release_all
 
@@ -63,7 +64,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     graph = gs.import_onnx(model)
     imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
-    _apply_inferred_shapes(graph, model)
+    apply_inferred_shapes(graph, model)
     graph.toposort()
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
     scopes = [graph, *graph.subgraphs(recursive=True)]
@@ -71,7 +72,8 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     engines = [Engine(g, rules, names) for g in scopes]
     normalized = None
     for scope, engine in zip(scopes, engines):
-        counts = _rewrite_to_fixpoint(scope, engine, passes)
+        refine = (lambda: refine_shapes(graph, model)) if scope is graph else None
+        counts = _rewrite_to_fixpoint(scope, engine, passes, refine)
         counts.update(write_runtime_forms(scope, names))  # once the rules are done: they match the old forms
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
@@ -119,19 +121,34 @@ def _check_output(source, optimized) -> None:
         raise RuntimeError(f"{judge} rejects the optimized model ({found[judge]}); it accepts the input")
 
 
-def _rewrite_to_fixpoint(graph, engine, passes=()) -> dict:
-    """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts."""
+def _rewrite_to_fixpoint(graph, engine, passes=(), refine=None) -> dict:
+    """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts.
+
+    `refine()` runs shape inference again after constants were folded (main graph only)."""
     normalized = {**normalize(graph, engine.names), "stacked-sums": 0, "regrouped-sums": 0}
+    while refine and normalized["constant-subgraphs"] and _folded_more(graph, engine, refine, normalized):
+        pass
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
         passed = sum(run(graph, engine) for _, run in passes)
         again = normalize(graph, engine.names)
+        if refine and again["constant-subgraphs"]:
+            refine()
         # Once the rules are done, sums whose mergeable terms are not siblings are regrouped.
         again["stacked-sums"] = unstack_sums(graph)
         again["regrouped-sums"] = regroup_sums(graph, engine)
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not passed and not any(again.values()):
             return normalized
+
+
+def _folded_more(graph, engine, refine, normalized) -> bool:
+    """Shape inference again, then the clean-ups: True while that folds more constants."""
+    refine()
+    again = normalize(graph, engine.names)
+    for key, count in again.items():
+        normalized[key] += count
+    return again["constant-subgraphs"] > 0
 
 
 def _weight_inputs(model) -> list:
@@ -173,70 +190,3 @@ def select_rules(rules, only=None, skip=None) -> list:
     if only:
         rules = [rule for rule in rules if rule.name in only]
     return [rule for rule in rules if rule.name not in (skip or [])]
-
-
-def _apply_inferred_shapes(graph, model) -> None:
-    """Give every computed value, in every scope, the type and shape ONNX inference finds.
-
-    The file's own annotations (value_info, declared output shapes) are not trusted: a
-    stale one would let a clean-up remove a Reshape that does change the shape. Graph
-    inputs keep their declared shapes, a negative size read as dynamic (is_static).
-    """
-    inferred = _inferred_types(model)
-    scopes = [graph, *graph.subgraphs(recursive=True)]
-    declared = {id(t) for scope in scopes for t in scope.inputs}
-    for scope in scopes:
-        for tensor in scope.inputs:
-            tensor.shape = without_negative_dims(tensor.shape)
-        for tensor in scope.tensors().values():
-            if not isinstance(tensor, gs.Constant) and id(tensor) not in declared:
-                _set_type(tensor, inferred.get(tensor.name))
-
-
-def _inferred_types(model) -> dict:
-    """Value name -> TypeProto from shape inference, run on a copy without big weights nor
-    the file's annotations; a name two scopes give different types is left out."""
-    skeleton = without_large_weights(model)
-    for scope in graphs(skeleton):
-        del scope.value_info[:]
-        for info in scope.input:
-            _forget_sizes(info, keep_static=True)
-        for info in scope.output:
-            _forget_sizes(info, keep_static=False)
-    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    types, ambiguous = {}, set()
-    for scope in graphs(inferred):
-        for info in [*scope.value_info, *scope.output]:
-            if types.setdefault(info.name, info.type) != info.type:
-                ambiguous.add(info.name)
-    return {name: kind for name, kind in types.items() if name not in ambiguous}
-
-
-def _forget_sizes(info, keep_static) -> None:
-    """Drop a declared tensor shape (an output's), or just its negative sizes (an input's)."""
-    kind = info.type.tensor_type if info.type.HasField("tensor_type") else None
-    if kind is None or not kind.HasField("shape"):
-        return
-    if not keep_static:
-        kind.ClearField("shape")
-        return
-    for dim in kind.shape.dim:
-        if dim.HasField("dim_value") and dim.dim_value < 0:
-            dim.ClearField("dim_value")
-
-
-def _set_type(tensor, kind) -> None:
-    """The inferred type of a computed value; its shape unknown where inference has none."""
-    tensor.shape = None
-    field = kind.WhichOneof("value") if kind is not None else None
-    if field == "tensor_type":
-        tensor.type, inner = "tensor_type", kind.tensor_type
-        if inner.HasField("shape"):
-            tensor.shape = dims_of(inner.shape)
-    elif field == "sequence_type" and kind.sequence_type.elem_type.HasField("tensor_type"):
-        # A sequence keeps no shape: rules read shapes as those of tensors.
-        tensor.type, inner = "sequence_type", kind.sequence_type.elem_type.tensor_type
-    else:
-        return
-    if tensor.dtype is None and inner.elem_type:
-        tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(inner.elem_type)
