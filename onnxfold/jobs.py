@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import OnnxfoldError
 from .modelio import check_destination, checker_complaint, open_model, require_folder, save_model
+from .cleanups import select_cleanups
 from .optimize import optimize, select_rules
 from .references import loaded
 from .ruleset import load_rules
@@ -29,6 +30,7 @@ class JobOptions:
     size_threshold: int = 1024  # bytes: smaller tensors stay inline when saving externally
     freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
     parity: object = None  # with verify: its VerifySettings (None: the defaults)
+    provenance: bool = True  # name each rule-made node's rules and replaced nodes in its metadata
 
 
 @dataclass
@@ -75,7 +77,9 @@ def _run(source, target, options, rules, result, report) -> None:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
                                "optimizing anyway")
     try:
-        optimized, report = optimize(model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs)
+        optimized, report = optimize(model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs,
+                                     cleanups=select_cleanups(options.only, options.skip),
+                                     provenance=options.provenance)
     except OnnxfoldError as error:  # a refusal about the model: name its file
         raise error if error.path else OnnxfoldError(str(error), source) from None
     result.report = report
@@ -84,7 +88,8 @@ def _run(source, target, options, rules, result, report) -> None:
         from .culprit import verify_optimization
 
         report.verification = verify_optimization(loaded(model), loaded(optimized), rules, report,
-                                                  options.freeze_weight_inputs, options.parity)
+                                                  options.freeze_weight_inputs, options.parity,
+                                                  select_cleanups(options.only, options.skip))
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:

@@ -7,6 +7,7 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
+from .cleanups import NAMES as CLEANUP_NAMES, select_cleanups
 from .engine import Engine
 from .names import NameSource
 from .export import export_model
@@ -19,8 +20,13 @@ from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
 from .weights import constants_of, hold_apart_from_input, release_all
 
-def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
+def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False,
+             cleanups=None, provenance=True):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
+
+    `only`/`skip` name rules and clean-ups (cleanups.py); `rules` and `cleanups`, when
+    given, are the selected lists themselves. With `provenance`, each node a rule made
+    names the rules and the input's nodes behind it in its metadata_props (export.py).
 
     Weights also listed as graph inputs (old exports) are refused, or with
     `freeze_weight_inputs` taken as fixed: dropped from the graph inputs, then folded.
@@ -32,8 +38,9 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
+    cleanups = select_cleanups(only, skip) if cleanups is None else cleanups
     try:
-        return _optimize(model, rules, freeze_weight_inputs, started)
+        return _optimize(model, rules, freeze_weight_inputs, started, cleanups, provenance)
     except (OnnxfoldError, MemoryError):
         raise
     except Exception as error:
@@ -46,7 +53,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
                             f"({type(error).__name__})") from error
 
 
-def _optimize(model, rules, freeze_weight_inputs, started):
+def _optimize(model, rules, freeze_weight_inputs, started, cleanups, provenance):
     source = model
     frozen = _weight_inputs(model)
     if frozen and not freeze_weight_inputs and model.ir_version >= 4:
@@ -66,13 +73,13 @@ def _optimize(model, rules, freeze_weight_inputs, started):
     engines = [Engine(g, rules, names) for g in scopes]
     normalized = None
     for scope, engine in zip(scopes, engines):
-        counts = _rewrite_to_fixpoint(scope, engine)
+        counts = _rewrite_to_fixpoint(scope, engine, cleanups)
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     rewrites = [r for e in engines for r in e.rewrites]
     misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
-    optimized = export_model(graph, model)
+    optimized = export_model(graph, model, provenance=provenance)
     _check_output(source, optimized)
     # The graph's nodes and values refer to each other, so only Python's cycle collector
     # frees them, and with them the input's and the output's tensors and folded arrays.
@@ -112,12 +119,12 @@ def _check_output(source, optimized) -> None:
         raise RuntimeError(f"{judge} rejects the optimized model ({found[judge]}); it accepts the input")
 
 
-def _rewrite_to_fixpoint(graph, engine) -> dict:
+def _rewrite_to_fixpoint(graph, engine, cleanups) -> dict:
     """Rules and clean-ups in turn until neither changes the graph; the clean-up counts."""
-    normalized = normalize(graph, engine.names)
+    normalized = normalize(graph, engine.names, cleanups)
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
-        again = normalize(graph, engine.names)
+        again = normalize(graph, engine.names, cleanups)
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not any(again.values()):
             return normalized
@@ -145,8 +152,12 @@ def _without_inputs(model, names) -> onnx.ModelProto:
 
 
 def select_rules(rules, only=None, skip=None) -> list:
-    """The rules to run, after --only and --skip; an unknown name is an error."""
-    known = {rule.name for rule in rules}
+    """The rules to run, after --only and --skip; an unknown name is an error.
+
+    The names may also be clean-ups' (cleanups.py): an `only` that names clean-ups and
+    no rule runs no rule.
+    """
+    known = {rule.name for rule in rules} | set(CLEANUP_NAMES)
     for name in [*(only or []), *(skip or [])]:
         if name not in known:
             raise OnnxfoldError(f"unknown rule '{name}' (see 'onnxfold rules')")
