@@ -19,9 +19,8 @@ from .scopes import graphs
 from .weights import write_weight
 
 
-def export_model(graph: gs.Graph, original: onnx.ModelProto, provenance=True) -> onnx.ModelProto:
-    """The graph as a model with every field but the graph taken from `original`;
-    with `provenance`, each node a rule made says so in its metadata_props."""
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as a model with every field but the graph taken from `original`."""
     model = onnx.ModelProto()
     # training_info names the weights folds replace: the output is an inference model.
     copy_fields(original, model, but=("graph", "training_info"))
@@ -40,8 +39,6 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto, provenance=True) ->
     # Keep the input's own annotations of values still computed, where inference agrees.
     target.value_info.extend(v for v in original.graph.value_info
                              if v.name in tensors and _agrees(v, tensors[v.name]))
-    if provenance:
-        _write_provenance(graph, model)
     if model.ir_version < 4 and _weights_not_inputs(target):
         model.ir_version = 4  # before IR 4 every weight had to be a graph input as well
     return model
@@ -80,7 +77,7 @@ def _weights_not_inputs(graph: onnx.GraphProto) -> bool:
     return any(weight.name not in inputs for weight in graph.initializer)
 
 
-def _write_provenance(graph: gs.Graph, model: onnx.ModelProto) -> None:
+def write_provenance(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """`onnxfold.rule` (the rules, comma-separated, in the order they applied) and
     `onnxfold.replaced` (the input's nodes it stands for, comma-separated) on every node
     a rule made, in any scope: Netron shows them with the node.

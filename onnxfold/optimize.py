@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from .cleanups import NAMES as CLEANUP_NAMES, select_cleanups
 from .engine import Engine
 from .names import NameSource
-from .export import export_model
+from .export import export_model, write_provenance
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
 from .modelio import complaints, copy_without, load_model, validity_complaint, without_large_weights
@@ -79,7 +79,9 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, provenance)
     rewrites = [r for e in engines for r in e.rewrites]
     misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
-    optimized = export_model(graph, model, provenance=provenance)
+    optimized = export_model(graph, model)
+    if provenance:
+        write_provenance(graph, optimized)
     _check_output(source, optimized)
     # The graph's nodes and values refer to each other, so only Python's cycle collector
     # frees them, and with them the input's and the output's tensors and folded arrays.
