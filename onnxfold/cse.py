@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import is_constant, is_standard
 from .normalize import Cleanup, _bypass, _never_fold
-from .weights import constant_values
+from .weights import constant_values, sampled_bytes
 
 _SAMPLES = 64  # elements read to tell weights of one shape apart before hashing them all
 
@@ -62,9 +62,7 @@ def _by_bytes(weights) -> list:
     """Groups of weights (one dtype and shape) whose bytes are equal, in graph order."""
     sampled = {}
     for weight in weights:
-        flat = _raw(weight)
-        step = max(1, flat.size // _SAMPLES)
-        sampled.setdefault(flat[::step][:_SAMPLES].tobytes(), []).append(weight)
+        sampled.setdefault(sampled_bytes(weight, _SAMPLES), []).append(weight)
     groups = []
     for candidates in sampled.values():
         if len(candidates) < 2:

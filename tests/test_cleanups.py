@@ -108,3 +108,34 @@ def test_a_noop_whose_output_is_a_graph_output_keeps_the_name():
     optimized, _ = optimize(model, only=["identity-expand"])
     assert op_counts(optimized) == {"Relu": 1} and optimized.graph.output[0].name == "y"
     assert_same_function(model, optimized)
+
+
+def test_weights_in_an_external_file_are_merged_only_when_every_byte_agrees(tmp_path):
+    """Weights left in the model's file are told apart by a few sampled elements read from
+    it; a weight equal at every sampled element but one other is still kept apart."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 64)).astype(np.float32)
+    near = a.copy()
+    near[0, 1] += 1.0  # element 1: between the sampled elements 0 and 64
+    model = _load(HEADER + """g (float[64,64] x, float[64,64] a, float[64,64] b, float[64,64] c) => (float[64,64] y) {
+      p = MatMul(x, a)
+      q = MatMul(p, b)
+      y = MatMul(q, c)
+    }""")
+    values = {"a": a, "b": a, "c": near}
+    for weight in model.graph.initializer:
+        weight.CopyFrom(onnx.numpy_helper.from_array(values[weight.name], weight.name))
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, size_threshold=0)
+    done = subprocess.run([sys.executable, "-m", "onnxfold", "optimize", str(source), str(target),
+                           "--only", "duplicate-weights"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "duplicate-weights x1" in done.stdout
+    optimized = onnx.load(str(target))
+    assert sorted(t.name for t in optimized.graph.initializer) == ["a", "c"]
+    assert_same_function(onnx.load(str(source)), optimized)
