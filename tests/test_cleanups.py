@@ -139,3 +139,24 @@ def test_weights_in_an_external_file_are_merged_only_when_every_byte_agrees(tmp_
     optimized = onnx.load(str(target))
     assert sorted(t.name for t in optimized.graph.initializer) == ["a", "c"]
     assert_same_function(onnx.load(str(source)), optimized)
+
+
+def test_rules_lists_the_cleanups_and_refuses_a_rule_named_like_one(tmp_path):
+    import subprocess
+    import sys
+
+    def onnxfold(*args):
+        return subprocess.run([sys.executable, "-m", "onnxfold", *map(str, args)], capture_output=True, text=True)
+
+    listing = onnxfold("rules")
+    assert listing.returncode == 0
+    for step in CLEANUPS:
+        assert f"{step.name} " in listing.stdout and step.summary in listing.stdout
+    shown = onnxfold("rules", "common-subexpressions")
+    assert shown.returncode == 0 and "clean-up" in shown.stdout
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shipped = Path(__file__).parent.parent / "rules" / "merge-reshape-chain.toml"
+    (rules / "identity-slice.toml").write_text(shipped.read_text())
+    clash = onnxfold("rules", "--rules", rules)
+    assert clash.returncode == 2 and "name of a clean-up" in clash.stderr
