@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from .graph import infer_output_shapes
 from .names import NameSource
 from .plan import Plan
+from .provenance import mark_origin, rewrite_origin
 from .rulesyntax import Literal
 
 
@@ -33,12 +34,12 @@ def apply_plan(graph: gs.Graph, plan: Plan, names: NameSource) -> Change:
         node.inputs.clear()
         node.outputs.clear()
     builder = _ResultBuilder(plan, names, first_name=removed[0].name)
-    origin = provenance(plan.rule.name, removed)
+    origin = rewrite_origin(plan.rule.name, removed)
     added = []
     for index, (line, attrs) in enumerate(zip(plan.rule.result, plan.attrs)):
         node = builder.node(line, index)
         node.attrs.update(attrs)
-        setattr(node, PROVENANCE, origin)
+        mark_origin(node, origin)
         graph.nodes.append(node)
         infer_output_shapes(node, graph.opset)
         added.append(node)
@@ -86,23 +87,3 @@ class _ResultBuilder:
             return self.root
         self.scope[target] = gs.Variable(self.names.fresh(f"{self.first_name}_{target}"), dtype=self.root.dtype)
         return self.scope[target]
-
-
-PROVENANCE = "onnxfold_provenance"  # the attribute of a gs.Node that export.py writes out
-
-
-def provenance(rule_name, removed) -> tuple:
-    """(rules, replaced) for the nodes a rewrite makes: every rule behind them, in the order
-    they applied, and the nodes of the input they stand for. A removed node a rule made
-    passes on its own provenance, so folds of folds name the input's nodes, never the
-    intermediate ones (whose names a later node may take)."""
-    rules, replaced = [], []
-    for node in removed:
-        earlier = getattr(node, PROVENANCE, None)
-        if earlier is None:
-            replaced.append(node.name)
-        else:
-            rules += earlier[0]
-            replaced += earlier[1]
-    rules.append(rule_name)
-    return tuple(dict.fromkeys(rules)), tuple(dict.fromkeys(replaced))

@@ -12,10 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from .apply import PROVENANCE
 from .graph import onnx_type
 from .modelio import copy_fields
-from .scopes import graphs
 from .weights import write_weight
 
 
@@ -75,28 +73,3 @@ def _agrees(info: onnx.ValueInfoProto, tensor) -> bool:
 def _weights_not_inputs(graph: onnx.GraphProto) -> bool:
     inputs = {info.name for info in graph.input}
     return any(weight.name not in inputs for weight in graph.initializer)
-
-
-def write_provenance(graph: gs.Graph, model: onnx.ModelProto) -> None:
-    """`onnxfold.rule` (the rules, comma-separated, in the order they applied) and
-    `onnxfold.replaced` (the input's nodes it stands for, comma-separated) on every node
-    a rule made, in any scope: Netron shows them with the node.
-
-    NodeProto.metadata_props came with IR 10; the ONNX checker and onnxruntime accept it
-    at any IR version and older readers skip it as an unknown field, so it is written
-    without raising the model's IR version. Node names are unique across scopes
-    (names.py), so a node's entry is found by name.
-    """
-    made = {node.name: getattr(node, PROVENANCE)
-            for scope in [graph, *graph.subgraphs(recursive=True)] for node in scope.nodes
-            if getattr(node, PROVENANCE, None) is not None}
-    if not made:
-        return
-    for scope in graphs(model):
-        for node in scope.node:
-            origin = made.get(node.name)
-            if origin is None:
-                continue
-            for key, names in (("onnxfold.rule", origin[0]), ("onnxfold.replaced", origin[1])):
-                entry = node.metadata_props.add()
-                entry.key, entry.value = key, ",".join(names)

@@ -10,11 +10,12 @@ import onnx_graphsurgeon as gs
 from .cleanups import NAMES as CLEANUP_NAMES, select_cleanups
 from .engine import Engine
 from .names import NameSource
-from .export import export_model, write_provenance
+from .export import export_model
 from .errors import OnnxfoldError
 from .graph import dims_of, use_numpy_types, without_negative_dims
 from .modelio import complaints, copy_without, load_model, validity_complaint, without_large_weights
 from .normalize import normalize
+from .provenance import remember_metadata, write_metadata
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
@@ -63,6 +64,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, provenance)
     before = model_stats(model)
     model = without_shadowed_names(model)
     graph = gs.import_onnx(model)
+    remember_metadata(graph, model)
     imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
     _apply_inferred_shapes(graph, model)
@@ -80,9 +82,8 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, provenance)
     misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
     optimized = export_model(graph, model)
-    if provenance:
-        write_provenance(graph, optimized)
     _check_output(source, optimized)
+    write_metadata(graph, optimized, provenance)  # which neither the checker nor onnxruntime reads
     # The graph's nodes and values refer to each other, so only Python's cycle collector
     # frees them, and with them the input's and the output's tensors and folded arrays.
     # Released now, those go at once; a full collection would cost time in proportion to

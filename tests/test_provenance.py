@@ -69,3 +69,22 @@ def test_optimizing_twice_gives_the_same_bytes(tmp_path):
                            "--no-provenance"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not any(node.metadata_props for node in onnx.load(str(plain)).graph.node)
+
+
+def test_nodes_keep_the_metadata_the_input_gave_them_in_every_scope():
+    """graph-surgeon drops a node's metadata_props (the dynamo exporter's stack traces):
+    the nodes no rule replaced get theirs back, in subgraphs too."""
+    model = model_from_text("""
+    <ir_version: 10, opset_import: ["" : 17]>
+    g (float[2,3] x, bool c) => (float[2,3] y) {
+      r = Relu(x)
+      y = If(c) <then_branch = g1 () => (float[2,3] t) { t = Neg(r) }, else_branch = g2 () => (float[2,3] e) { e = Abs(r) }>
+    }""", data=["x", "c"])
+    relu, branch = model.graph.node
+    relu.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="line 1")
+    branch.attribute[0].g.node[0].metadata_props.add(key="namespace", value="inner")
+    optimized, _ = optimize(model)
+    relu, branch = optimized.graph.node
+    assert _props(relu) == {"pkg.torch.onnx.stack_trace": "line 1"}
+    inner = {a.name: a.g for a in branch.attribute}
+    assert _props(inner[model.graph.node[1].attribute[0].name].node[0]) == {"namespace": "inner"}
