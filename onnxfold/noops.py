@@ -56,7 +56,7 @@ def _full_slice_source(node):
 
 def _same_shape_expand_source(node):
     """Expand to a shape its input already has (broadcasting adds nothing)."""
-    data, shape = node.inputs
+    data, shape = node.inputs[0], node.inputs[1]
     if not is_constant(shape) or data.shape is None:
         return None
     target = [int(d) for d in constant_values(shape).reshape(-1)]
