@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from .graph import infer_output_shapes
 from .names import NameSource
 from .plan import Plan
+from .provenance import mark_origin, rewrite_origin
 from .rulesyntax import Literal
 
 
@@ -33,10 +34,12 @@ def apply_plan(graph: gs.Graph, plan: Plan, names: NameSource) -> Change:
         node.inputs.clear()
         node.outputs.clear()
     builder = _ResultBuilder(plan, names, first_name=removed[0].name)
+    origin = rewrite_origin(plan.rule.name, removed)
     added = []
     for index, (line, attrs) in enumerate(zip(plan.rule.result, plan.attrs)):
         node = builder.node(line, index)
         node.attrs.update(attrs)
+        mark_origin(node, origin)
         graph.nodes.append(node)
         infer_output_shapes(node, graph.opset)
         added.append(node)

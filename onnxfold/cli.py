@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cleanups import CLEANUPS
 from .errors import OnnxfoldError
 from .jobs import (BAD_INPUT, FAILED, INTERNAL, OK, WOULD_CHANGE, JobOptions, batch_inputs, batch_targets,
                    check_report_path, data_file, optimize_file, optimize_many)
@@ -117,8 +118,9 @@ def main():
                    "if it would change an input, 0 if every input is already optimized. Any number of inputs.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Batch mode: processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--only", help="Run only these rules (comma-separated).")
-@click.option("--skip", help="Do not run these rules (comma-separated).")
+@click.option("--only", help="Run only these rules and clean-ups (comma-separated; every clean-up "
+                               "runs unless one is named).")
+@click.option("--skip", help="Do not run these rules or clean-ups (comma-separated).")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=Path),
               help="A folder of your own rule files, added to the shipped ones.")
 @click.option("--explain", is_flag=True, help="Say why rules did not apply where they nearly did.")
@@ -133,12 +135,15 @@ def main():
 @click.option("--freeze-weight-inputs", is_flag=True,
               help="Old exports list weights as graph inputs too: take them as fixed (they stop "
                    "being inputs) and fold them. Without it such models are refused.")
+@click.option("--no-provenance", is_flag=True,
+              help="Do not name, in each node a rule made, the rule and the nodes it replaced.")
 @click.option("--force", is_flag=True, help="Allow TARGET to overwrite SOURCE.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @parity_options
 @_handle_errors
 def optimize_command(paths, out_dir, check, jobs, json_path, only, skip, rule_dirs, explain, verify,
-                     keep_failed, external_data, size_threshold, freeze_weight_inputs, force, quiet, parity):
+                     keep_failed, external_data, size_threshold, freeze_weight_inputs, no_provenance, force, quiet,
+                     parity):
     """Optimize SOURCE into TARGET, or many inputs into --out-dir DIR, or --check inputs.
 
     \b
@@ -156,7 +161,8 @@ def optimize_command(paths, out_dir, check, jobs, json_path, only, skip, rule_di
         raise click.UsageError("give SOURCE and TARGET, or several inputs with --out-dir DIR")
     sources = batch_inputs(paths) if out_dir is not None else paths[:1]
     options = JobOptions(_names(only), _names(skip), rule_dirs, verify, keep_failed, force, external_data,
-                         size_threshold, freeze_weight_inputs, parity_settings(parity, sources) if verify else None)
+                         size_threshold, freeze_weight_inputs, parity_settings(parity, sources) if verify else None,
+                         provenance=not no_provenance)
     if out_dir is None:
         result = optimize_file(*paths, options, report=json_path)
         _report_single(result, json_path, explain, quiet)
@@ -260,19 +266,26 @@ def _job_dict(result) -> dict:
               help="Also list the rules in this folder.")
 @_handle_errors
 def rules_command(name, rule_dirs):
-    """List the rules, or show rule NAME in full."""
+    """List the rules and clean-ups, or show rule NAME in full."""
     from . import linear_consumers  # a fold no rule file can express; listed with them
 
     rules = load_rules(rule_dirs)
     if name is None:
-        width = max(len(rule.name) for rule in rules)
+        width = max(len(entry.name) for entry in [*rules, *CLEANUPS])
         for rule in rules:
             click.echo(f"{rule.name:<{width}}  {rule.summary}")
         click.echo(f"{linear_consumers.RULE:<{width}}  {linear_consumers.SUMMARY}")
+        click.echo("\nclean-ups (run before the rules and after each round of them):")
+        for step in CLEANUPS:
+            click.echo(f"{step.name:<{width}}  {step.summary}")
         return
     if name == linear_consumers.RULE:
         click.echo(f"{name}\n\n{linear_consumers.SUMMARY}\n\n{linear_consumers.__doc__.strip()}\n\n"
                    f"file: {linear_consumers.__file__}")
+        return
+    step = next((step for step in CLEANUPS if step.name == name), None)
+    if step is not None:
+        click.echo(f"{step.name}\n\nclean-up: {step.summary}")
         return
     rule = next((rule for rule in rules if rule.name == name), None)
     if rule is None:

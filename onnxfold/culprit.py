@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from .optimize import optimize
+from .optimize import optimize, select_passes
 from .verify import VerifySettings, verify_models
 
 
 def verify_optimization(original, optimized, rules, report, freeze_weight_inputs=False,
-                        parity: VerifySettings | None = None) -> dict:
+                        parity: VerifySettings | None = None, cleanups=None) -> dict:
     """Parity of `optimized` against `original`; on failure, name the rules to blame.
 
     `parity`: how to compare (shapes, inputs, tolerances, ...), as `verify` takes it; its
@@ -23,7 +23,9 @@ def verify_optimization(original, optimized, rules, report, freeze_weight_inputs
         return result
     for name in report.fired():
         without = [rule for rule in rules if rule.name != name]
-        candidate, _ = optimize(original, rules=without, freeze_weight_inputs=freeze_weight_inputs)
+        passes = [(pass_name, run) for pass_name, run in select_passes() if pass_name != name]
+        candidate, _ = optimize(original, rules=without, freeze_weight_inputs=freeze_weight_inputs,
+                                cleanups=cleanups, passes=passes)
         if verify_models(original, candidate, parity).passed:
             result["culprits"].append(name)
     return result

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .errors import OnnxfoldError
 from .modelio import check_destination, checker_complaint, open_model, require_folder, save_model
-from .optimize import optimize, select_rules
+from .cleanups import select_cleanups
+from .optimize import optimize, select_passes, select_rules
 from .references import loaded
 from .ruleset import load_rules
 from .text import first_line
@@ -31,6 +32,7 @@ class JobOptions:
     freeze_weight_inputs: bool = False  # take weights also listed as graph inputs as fixed
     parity: object = None  # with verify: its VerifySettings (None: the defaults)
     check: bool = False  # only tell whether optimizing would change the input; write nothing
+    provenance: bool = True  # name each rule-made node's rules and replaced nodes in its metadata
 
 
 @dataclass
@@ -80,7 +82,8 @@ def _run(source, target, options, rules, result, report) -> None:
         from .culprit import verify_optimization
 
         report.verification = _naming(source, verify_optimization, loaded(model), loaded(optimized), rules,
-                                      report, options.freeze_weight_inputs, options.parity)
+                                      report, options.freeze_weight_inputs, options.parity,
+                                      select_cleanups(options.only, options.skip))
         if not report.verification["passed"]:
             result.status = FAILED
     if result.status == OK or options.keep_failed:
@@ -105,7 +108,9 @@ def _optimized(model, source, options, rules, result) -> tuple:
     if complaint:
         result.warnings.append(f"{source}: the ONNX checker rejects the input ({complaint}); "
                                "optimizing anyway")
-    optimized, report = _naming(source, optimize, model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs)
+    optimized, report = _naming(source, optimize, model, rules=rules, freeze_weight_inputs=options.freeze_weight_inputs,
+                                cleanups=select_cleanups(options.only, options.skip),
+                                passes=select_passes(options.only, options.skip), provenance=options.provenance)
     result.report = report
     result.warnings += report.warnings
     return optimized, report

@@ -7,6 +7,9 @@ subgraphs. Each step here removes one of those shapes and changes nothing else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -16,37 +19,52 @@ from .names import NameSource, name_nodes
 from .weights import constant_values
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
-_COUNTS = ("constant-nodes", "constant-subgraphs", "constant-if", "identity-and-dropout",
-           "neutral-elementwise", "identity-reshape", "sequence-split")
 _PASS_THROUGH = {"Identity", "Dropout"}
 
 
-def normalize(graph: gs.Graph, names: NameSource | None = None) -> dict:
-    """Run every clean-up once; return how many nodes each removed.
+@dataclass(frozen=True)
+class Cleanup:
+    """One named clean-up: `--only/--skip` take its name, `onnxfold rules` lists it.
+
+    `run(graph, names)` changes the graph in place and returns how many nodes (or, for
+    weights and chains, how many of what it names) it removed; 0 means no change.
+    """
+
+    name: str
+    summary: str
+    run: Callable
+
+
+def normalize(graph: gs.Graph, names: NameSource | None = None, steps=None) -> dict:
+    """Run every clean-up (or those of `steps`) once; return how many nodes each removed.
 
     `names` gives fresh names unique across all scopes (for unnamed nodes, inlined If branches).
     """
     graph.cleanup()  # drop nodes an earlier rewrite disconnected
     names = names or NameSource([graph, *graph.subgraphs(recursive=True)])
     name_nodes(graph, names)
-    counts = dict.fromkeys(_COUNTS, 0)
-    counts["constant-nodes"] = _constant_nodes_to_weights(graph)
-    counts["constant-subgraphs"] = fold_constants(graph, names)
-    counts["constant-if"] = _inline_constant_ifs(graph, names)
-    counts["sequence-split"] = _sequence_splits_to_split(graph, names)
-    for node in list(graph.nodes):
-        if not is_standard(node):
-            continue
-        if node.op in _PASS_THROUGH and _is_pass_through(node):
-            counts["identity-and-dropout"] += _bypass(graph, node)
-        elif node.op in _NEUTRAL:
-            data = _neutral_operand(node)
-            if data is not None:
-                counts["neutral-elementwise"] += _bypass(graph, node, data)
-        elif node.op == "Reshape" and _is_identity_reshape(node):
-            counts["identity-reshape"] += _bypass(graph, node)
+    counts = {}
+    for step in STEPS if steps is None else steps:
+        counts[step.name] = step.run(graph, names)
     graph.cleanup()
     return counts
+
+
+def bypassing(ops, source_of) -> Callable:
+    """A clean-up that removes each standard node of `ops` whose output equals a value it
+    reads: `source_of(node)` gives that value, or None where the node is not a no-op."""
+
+    def run(graph, names) -> int:
+        count = 0
+        for node in list(graph.nodes):
+            # A node bypassed earlier in this pass has no outputs left.
+            if node.op in ops and node.outputs and is_standard(node):
+                source = source_of(node)
+                if source is not None:
+                    count += _bypass(graph, node, source)
+        return count
+
+    return run
 
 
 def _constant_nodes_to_weights(graph) -> int:
@@ -250,3 +268,30 @@ def _reads_at(reader, count) -> bool:
     return (reader.op == "SequenceAt" and is_standard(reader) and is_constant(reader.inputs[1])
             and constant_values(reader.inputs[1]).size == 1
             and -count <= int(constant_values(reader.inputs[1]).reshape(-1)[0]) < count)
+
+
+def _pass_through_source(node):
+    return node.inputs[0] if _is_pass_through(node) else None
+
+
+def _identity_reshape_source(node):
+    return node.inputs[0] if _is_identity_reshape(node) else None
+
+
+# The clean-ups in the order they run; noops.py and cse.py add theirs (cleanups.py).
+STEPS = [
+    Cleanup("constant-nodes", "Constant nodes become stored weights",
+            lambda graph, names: _constant_nodes_to_weights(graph)),
+    Cleanup("constant-subgraphs", "what depends only on constants and static shapes is computed",
+            fold_constants),
+    Cleanup("constant-if", "an If with a constant condition becomes the branch it takes",
+            _inline_constant_ifs),
+    Cleanup("sequence-split", "a SplitToSequence read by SequenceAt at stored positions is a Split",
+            lambda graph, names: _sequence_splits_to_split(graph, names)),
+    Cleanup("identity-and-dropout", "Identity, and Dropout in inference mode, are removed",
+            bypassing(_PASS_THROUGH, _pass_through_source)),
+    Cleanup("neutral-elementwise", "x+0, x-0, x*1 and x/1 that keep x's shape and type are x",
+            bypassing(set(_NEUTRAL), _neutral_operand)),
+    Cleanup("identity-reshape", "a Reshape to the shape its input has is removed",
+            bypassing({"Reshape"}, _identity_reshape_source)),
+]

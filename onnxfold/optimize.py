@@ -7,6 +7,7 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
+from .cleanups import NAMES as CLEANUP_NAMES, select_cleanups
 from .constfold import fold_warnings
 from .engine import Engine
 from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_consumers
@@ -16,6 +17,7 @@ from .errors import OnnxfoldError
 from .graph import use_numpy_types
 from .modelio import complaints, copy_without, load_model, validity_complaint
 from .normalize import normalize
+from .provenance import remember_metadata, write_metadata
 from .runtime_forms import write_runtime_forms
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
@@ -24,8 +26,13 @@ from .shapes import apply_inferred_shapes, refine_shapes
 from .sums import regroup_sums, unstack_sums
 from .weights import constants_of, hold_apart_from_input, release_all
 
-def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False):
+def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False,
+             cleanups=None, passes=None, provenance=True):
     """Optimize a model (a path or a ModelProto, which is left unchanged).
+
+    `only`/`skip` name rules, passes and clean-ups (cleanups.py); `rules`, `cleanups` and
+    `passes`, when given, are the selected lists themselves. With `provenance`, each node
+    a rule made names the rules and the input's nodes behind it in its metadata_props.
 
     Weights also listed as graph inputs (old exports) are refused, or with
     `freeze_weight_inputs` taken as fixed: dropped from the graph inputs, then folded.
@@ -37,9 +44,10 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     rules = select_rules(rules if rules is not None else load_rules(rule_dirs), only, skip)
-    passes = _selected_passes(only, skip)
+    cleanups = select_cleanups(only, skip) if cleanups is None else cleanups
+    passes = select_passes(only, skip) if passes is None else passes
     try:
-        return _optimize(model, rules, freeze_weight_inputs, started, passes)
+        return _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, provenance)
     except (OnnxfoldError, MemoryError):
         raise
     except Exception as error:
@@ -52,7 +60,7 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
                             f"({type(error).__name__})") from error
 
 
-def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
+def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, provenance):
     source = model
     frozen = _weight_inputs(model)
     if frozen and not freeze_weight_inputs and model.ir_version >= 4:
@@ -62,6 +70,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     before = model_stats(model)
     model = without_shadowed_names(model)
     graph = gs.import_onnx(model)
+    remember_metadata(graph, model)
     imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
     apply_inferred_shapes(graph, model)
@@ -73,7 +82,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
     normalized = None
     for scope, engine in zip(scopes, engines):
         refine = (lambda: refine_shapes(graph, model)) if scope is graph else None
-        counts = _rewrite_to_fixpoint(scope, engine, passes, refine)
+        counts = _rewrite_to_fixpoint(scope, engine, cleanups, passes, refine)
         counts.update(write_runtime_forms(scope, names))  # once the rules are done: they match the old forms
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
@@ -82,6 +91,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, passes=()):
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
     optimized = export_model(graph, model)
     _check_output(source, optimized)
+    write_metadata(graph, optimized, provenance)  # which neither the checker nor onnxruntime reads
     # The graph's nodes and values refer to each other, so only Python's cycle collector
     # frees them, and with them the input's and the output's tensors and folded arrays.
     # Released now, those go at once; a full collection would cost time in proportion to
@@ -121,18 +131,19 @@ def _check_output(source, optimized) -> None:
         raise RuntimeError(f"{judge} rejects the optimized model ({found[judge]}); it accepts the input")
 
 
-def _rewrite_to_fixpoint(graph, engine, passes=(), refine=None) -> dict:
+def _rewrite_to_fixpoint(graph, engine, cleanups, passes=(), refine=None) -> dict:
     """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts.
 
     `refine()` runs shape inference again after constants were folded (main graph only)."""
-    normalized = {**normalize(graph, engine.names), "stacked-sums": 0, "regrouped-sums": 0}
-    while refine and normalized["constant-subgraphs"] and _folded_more(graph, engine, refine, normalized):
+    normalized = {**normalize(graph, engine.names, cleanups), "stacked-sums": 0, "regrouped-sums": 0}
+    while refine and normalized.get("constant-subgraphs") and _folded_more(graph, engine, cleanups, refine,
+                                                                             normalized):
         pass
     while True:  # a rewrite can expose a clean-up (an identity Reshape), and back
         engine.run()
         passed = sum(run(graph, engine) for _, run in passes)
-        again = normalize(graph, engine.names)
-        if refine and again["constant-subgraphs"]:
+        again = normalize(graph, engine.names, cleanups)
+        if refine and again.get("constant-subgraphs"):
             refine()
         # Once the rules are done, sums whose mergeable terms are not siblings are regrouped.
         again["stacked-sums"] = unstack_sums(graph)
@@ -142,10 +153,10 @@ def _rewrite_to_fixpoint(graph, engine, passes=(), refine=None) -> dict:
             return normalized
 
 
-def _folded_more(graph, engine, refine, normalized) -> bool:
+def _folded_more(graph, engine, cleanups, refine, normalized) -> bool:
     """Shape inference again, then the clean-ups: True while that folds more constants."""
     refine()
-    again = normalize(graph, engine.names)
+    again = normalize(graph, engine.names, cleanups)
     for key, count in again.items():
         normalized[key] += count
     return again["constant-subgraphs"] > 0
@@ -176,14 +187,19 @@ def _without_inputs(model, names) -> onnx.ModelProto:
 PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers}
 
 
-def _selected_passes(only, skip) -> list:
+def select_passes(only=None, skip=None) -> list:
+    """The passes (folds no rule file can express) to run, after --only and --skip."""
     return [(name, run) for name, run in PASSES.items()
             if (not only or name in only) and name not in (skip or [])]
 
 
 def select_rules(rules, only=None, skip=None) -> list:
-    """The rules to run, after --only and --skip; an unknown name is an error."""
-    known = {rule.name for rule in rules} | set(PASSES)
+    """The rules to run, after --only and --skip; an unknown name is an error.
+
+    The names may also be passes' or clean-ups' (cleanups.py): an `only` that names
+    clean-ups and no rule runs no rule.
+    """
+    known = {rule.name for rule in rules} | set(PASSES) | set(CLEANUP_NAMES)
     for name in [*(only or []), *(skip or [])]:
         if name not in known:
             raise OnnxfoldError(f"unknown rule '{name}' (see 'onnxfold rules')")

@@ -265,3 +265,18 @@ def _open(path: Path, offset: int):
         raise OnnxfoldError(f"cannot read a weight's data ({error.strerror})", path) from None
     handle.seek(offset)  # never past what the reference was checked against
     return handle
+
+
+def sample_reference(tensor: onnx.TensorProto, count: int) -> bytes:
+    """The bytes of `count` evenly spaced elements of the referenced weight (every
+    `size // count`-th, from the first), read without reading the rest: a cheap
+    fingerprint to tell weights apart before comparing them whole (cse.py)."""
+    path, offset, length = _where(tensor)
+    itemsize = np.dtype(RAW_TYPES[tensor.data_type]).itemsize
+    size = length // itemsize
+    pieces = []
+    with _open(path, offset) as source:
+        for index in range(0, size, max(1, size // count))[:count]:
+            source.seek(offset + index * itemsize)
+            pieces.append(source.read(itemsize))
+    return b"".join(pieces)

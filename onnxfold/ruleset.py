@@ -30,6 +30,7 @@ from pathlib import Path
 
 import onnx
 
+from .cleanups import NAMES as CLEANUP_NAMES
 from .errors import OnnxfoldError
 from .predicates import PREDICATES
 from .rulesyntax import Attribute, Call, Literal, Name, RuleError, parse_call, parse_lines
@@ -95,6 +96,8 @@ def load_rules(extra_dirs=()) -> list:
             rule = load_rule_file(path)
             if rule.name in seen:
                 raise OnnxfoldError(f"rule '{rule.name}' is already defined in {seen[rule.name]}", path)
+            if rule.name in CLEANUP_NAMES:  # --only/--skip would select both
+                raise OnnxfoldError(f"rule '{rule.name}' has the name of a clean-up", path)
             seen[rule.name] = path
             rules.append(rule)
     return rules

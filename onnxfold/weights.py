@@ -16,7 +16,7 @@ import onnx
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import Constant, LazyValues, SparseValues
 
-from .references import RAW_TYPES, is_reference, read_reference
+from .references import RAW_TYPES, is_reference, read_reference, sample_reference
 
 
 def constant_values(tensor) -> np.ndarray:
@@ -148,3 +148,12 @@ def tensor_proto(constant) -> onnx.TensorProto:
         proto = onnx.numpy_helper.from_array(np.asarray(constant_values(constant)))
     proto.name = constant.name
     return proto
+def sampled_bytes(tensor, count: int) -> bytes:
+    """The bytes of `count` evenly spaced elements of a constant (every `size // count`-th,
+    from the first), read from the model's file without reading the whole weight where
+    it is still there (references.sample_reference takes the same elements)."""
+    stored = tensor._values  # noqa: SLF001
+    if _is_in_file(tensor) and stored.tensor.data_type in RAW_TYPES:
+        return sample_reference(stored.tensor, count)
+    flat = constant_values(tensor).reshape(-1)
+    return np.ascontiguousarray(flat[::max(1, flat.size // count)][:count]).tobytes()

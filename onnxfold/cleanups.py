@@ -1,0 +1,21 @@
+"""Every clean-up by name, in the order they run, and which of them `--only/--skip` keep.
+
+Clean-ups run before the rules and after each round of them, until neither changes the
+graph: they remove the shapes exports hide patterns behind (normalize.py), nodes that
+compute nothing (noops.py), and what is computed or stored twice (cse.py).
+"""
+
+from __future__ import annotations
+
+from . import cse, noops, normalize
+
+CLEANUPS = [*normalize.STEPS, *noops.STEPS, *cse.STEPS]
+NAMES = [step.name for step in CLEANUPS]
+
+
+def select_cleanups(only=None, skip=None) -> list:
+    """The clean-ups to run: those `only` names, or all when it names none (rules need
+    them to see their patterns: `--only fold-bn-into-conv` keeps every clean-up);
+    less those `skip` names. Unknown names are select_rules' to refuse."""
+    chosen = [step for step in CLEANUPS if step.name in (only or ())] or CLEANUPS
+    return [step for step in chosen if step.name not in (skip or ())]

@@ -1,0 +1,185 @@
+"""Clean-ups for nodes that compute their input unchanged, and for chains that cancel.
+
+Each no-op is recognized only from what is certain: constant parameters, and shapes from
+ONNX inference where every size needed is known (a dim_param, an unknown size or rank is
+never guessed). A removed node's output that is a graph output keeps its name (_bypass).
+The output's type must equal the input's: a Cast is dropped only to the type it already has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import is_constant, is_present, is_standard, is_static, onnx_type, producer, rank_of
+from .normalize import Cleanup, _bypass, bypassing
+from .weights import constant_values
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _ints(node, index, attr):
+    """An integer parameter given as input `index` (newer opsets) or attribute `attr`:
+    a list, [] where absent, None where it is an input whose value is not a constant."""
+    if len(node.inputs) > index and is_present(node.inputs[index]):
+        tensor = node.inputs[index]
+        return constant_values(tensor).reshape(-1).tolist() if is_constant(tensor) else None
+    return list(node.attrs.get(attr, []))
+
+
+def _same_type(a, b) -> bool:
+    return a.dtype is not None and a.dtype == b.dtype
+
+
+def _full_slice_source(node):
+    """Slice taking every element of every axis it names, in order (step 1)."""
+    data = node.inputs[0]
+    starts, ends = _ints(node, 1, "starts"), _ints(node, 2, "ends")
+    axes, steps = _ints(node, 3, "axes"), _ints(node, 4, "steps")
+    rank = rank_of(data)
+    if None in (starts, ends, axes, steps) or rank is None or len(starts) != len(ends):
+        return None
+    axes = axes or list(range(len(starts)))
+    if len(axes) != len(starts) or any(step != 1 for step in steps):
+        return None
+    for axis, start, end in zip(axes, starts, ends):
+        if not -rank <= axis < rank:
+            return None
+        size = data.shape[axis]
+        known = isinstance(size, int) and size >= 0
+        # Without the size, only start 0 and the largest end are surely the full range.
+        if start != 0 and not (known and start <= -size):
+            return None
+        if end != _INT64_MAX and not (known and end >= size):
+            return None
+    return data
+
+
+def _same_shape_expand_source(node):
+    """Expand to a shape its input already has (broadcasting adds nothing)."""
+    data, shape = node.inputs[0], node.inputs[1]
+    if not is_constant(shape) or data.shape is None:
+        return None
+    target = [int(d) for d in constant_values(shape).reshape(-1)]
+    if len(target) > len(data.shape):
+        return None
+    if all(d == 1 for d in target):
+        return data  # ones broadcast to any size
+    if not is_static(data.shape):
+        return None
+    try:
+        return data if list(np.broadcast_shapes(tuple(data.shape), tuple(target))) == list(data.shape) else None
+    except ValueError:
+        return None
+
+
+def _identity_flatten_source(node):
+    """Flatten of a 2-D input at axis 1, or of an input already of the 2-D shape it makes."""
+    data = node.inputs[0]
+    rank = rank_of(data)
+    if rank is None:
+        return None
+    axis = node.attrs.get("axis", 1)
+    axis = axis + rank if axis < 0 else axis
+    if rank == 2 and axis == 1:
+        return data
+    if not is_static(data.shape):
+        return None
+    made = [int(np.prod(data.shape[:axis], dtype=np.int64)), int(np.prod(data.shape[axis:], dtype=np.int64))]
+    return data if made == list(data.shape) else None
+
+
+def _identity_transpose_source(node):
+    data = node.inputs[0]
+    rank = rank_of(data)
+    perm = node.attrs.get("perm")
+    if perm is None:  # the default reverses the axes: the identity only up to rank 1
+        return data if rank is not None and rank <= 1 else None
+    return data if list(perm) == list(range(len(perm))) else None
+
+
+def _same_type_cast_source(node):
+    data = node.inputs[0]
+    if node.op == "CastLike":
+        return data if _same_type(data, node.inputs[1]) else None
+    return data if data.dtype is not None and onnx_type(data.dtype) == node.attrs.get("to") else None
+
+
+def _zero_pad_source(node):
+    pads = _ints(node, 1, "pads")
+    return node.inputs[0] if pads is not None and pads and not any(pads) else None
+
+
+def _single_concat_source(node):
+    return node.inputs[0] if len(node.inputs) == 1 else None
+
+
+_UNDOES = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}
+
+
+def _cancelling_squeeze_source(node):
+    """Squeeze(Unsqueeze(x, a), a) and Unsqueeze(Squeeze(x, a), a) are x.
+
+    Squeeze fails unless every axis it removes has size 1, so in either order the pair
+    gives x back. Negative axes count from the rank of the larger (unsqueezed) tensor.
+    """
+    first = producer(node.inputs[0])
+    if first is None or first.op != _UNDOES[node.op] or not is_standard(first):
+        return None
+    axes, first_axes = _ints(node, 1, "axes"), _ints(first, 1, "axes")
+    if not axes or not first_axes:  # Squeeze without axes removes whatever sizes are 1
+        return None
+    wide = rank_of(first.outputs[0] if node.op == "Squeeze" else first.inputs[0])
+    if wide is None and min(axes + first_axes) < 0:
+        return None
+    normal = sorted(a % wide if wide else a for a in axes)
+    if normal != sorted(a % wide if wide else a for a in first_axes) or len(set(normal)) != len(normal):
+        return None
+    return first.inputs[0]
+
+
+def _merge_transpose_chains(graph, names) -> int:
+    """Transpose(Transpose(x, p), q) is Transpose(x, p[q]), and x when that is the identity.
+
+    The second reads x directly; the first goes once nothing else reads it.
+    """
+    count = 0
+    own = {id(node) for node in graph.nodes}  # a Transpose of an outer scope stays
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not node.outputs or not is_standard(node):
+            continue
+        first = producer(node.inputs[0])
+        if first is None or first.op != "Transpose" or not is_standard(first) or id(first) not in own:
+            continue
+        p, q = first.attrs.get("perm"), node.attrs.get("perm")
+        if p is None or q is None or len(p) != len(q):
+            continue  # a default perm needs the rank; exports write perm
+        composed = [p[axis] for axis in q]
+        node.inputs[0] = first.inputs[0]
+        node.attrs["perm"] = composed
+        count += 1
+        source = _identity_transpose_source(node)
+        if source is not None:
+            _bypass(graph, node, source)
+    return count
+
+
+STEPS = [
+    Cleanup("identity-slice", "a Slice of the full range of every axis it names is removed",
+            bypassing({"Slice"}, _full_slice_source)),
+    Cleanup("identity-expand", "an Expand to a shape its input already has is removed",
+            bypassing({"Expand"}, _same_shape_expand_source)),
+    Cleanup("identity-flatten", "a Flatten to the shape its input already has is removed",
+            bypassing({"Flatten"}, _identity_flatten_source)),
+    Cleanup("identity-transpose", "a Transpose that keeps every axis in place is removed",
+            bypassing({"Transpose"}, _identity_transpose_source)),
+    Cleanup("identity-cast", "a Cast or CastLike to the type its input has is removed",
+            bypassing({"Cast", "CastLike"}, _same_type_cast_source)),
+    Cleanup("zero-pad", "a Pad that adds nothing on any side is removed",
+            bypassing({"Pad"}, _zero_pad_source)),
+    Cleanup("single-concat", "a Concat of one input is removed",
+            bypassing({"Concat"}, _single_concat_source)),
+    Cleanup("squeeze-unsqueeze", "a Squeeze and Unsqueeze of the same axes cancel",
+            bypassing({"Squeeze", "Unsqueeze"}, _cancelling_squeeze_source)),
+    Cleanup("transpose-chain", "two Transposes in a row become one, or none",
+            _merge_transpose_chains),
+]
