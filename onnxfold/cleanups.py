@@ -8,8 +8,19 @@ compute nothing (noops.py), and what is computed or stored twice (cse.py).
 from __future__ import annotations
 
 from . import cse, noops, normalize
+from .normalize import Cleanup
+from .runtime_forms import write_runtime_forms
+from .sums import unstack_sums
 
-CLEANUPS = [*normalize.STEPS, *noops.STEPS, *cse.STEPS]
+STACKED_SUMS = Cleanup("stacked-sums", "torch.stack(terms).sum(0) (Unsqueeze, Concat, ReduceSum) is a Sum",
+                       lambda graph, names: unstack_sums(graph))
+# Run once the rules are done (optimize.py): the rules match the forms the exporters write.
+LATE = [Cleanup("gelu", "a decomposed GELU becomes the form onnxruntime fuses (Gelu from opset 20)",
+                lambda graph, names: write_runtime_forms(graph, names, ("gelu",))["gelu"]),
+        Cleanup("global-average-pool", "a ReduceMean over the spatial axes of a 4-D tensor is a "
+                "GlobalAveragePool", lambda graph, names: write_runtime_forms(
+                    graph, names, ("global-average-pool",))["global-average-pool"])]
+CLEANUPS = [*normalize.STEPS, *noops.STEPS, *cse.STEPS, STACKED_SUMS, *LATE]
 NAMES = [step.name for step in CLEANUPS]
 
 

@@ -293,8 +293,13 @@ def _constant_nodes(graph, excluded) -> list:
     return chosen
 
 
+def is_random(node) -> bool:
+    """A node whose output is not a function of its inputs (random draws, Dropout)."""
+    return node.op in _RANDOM
+
+
 def _may_fold(node) -> bool:
-    return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and node.op not in _RANDOM and \
+    return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and not is_random(node) and \
         is_standard(node) and next(node.subgraphs(), None) is None
 
 

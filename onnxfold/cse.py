@@ -15,7 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import is_constant, is_standard
-from .normalize import Cleanup, _bypass, _never_fold
+from .constfold import is_random
+from .normalize import Cleanup, _bypass
 from .weights import constant_values, sampled_bytes
 
 _SAMPLES = 64  # elements read to tell weights of one shape apart before hashing them all
@@ -102,7 +103,7 @@ def merge_common_subexpressions(graph, names) -> int:
 
 def _node_key(node):
     """What the node computes, hashable; None for a node never merged."""
-    if not is_standard(node) or _never_fold(node):
+    if not is_standard(node) or is_random(node):
         return None
     attrs = tuple((name, _attribute_key(value)) for name, value in sorted(node.attrs.items()))
     if any(key is None for _, key in attrs):

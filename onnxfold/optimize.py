@@ -7,7 +7,7 @@ import time
 import onnx
 import onnx_graphsurgeon as gs
 
-from .cleanups import NAMES as CLEANUP_NAMES, select_cleanups
+from .cleanups import LATE, NAMES as CLEANUP_NAMES, select_cleanups
 from .constfold import fold_warnings
 from .engine import Engine
 from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_consumers
@@ -18,12 +18,11 @@ from .graph import use_numpy_types
 from .modelio import complaints, copy_without, load_model, validity_complaint
 from .normalize import normalize
 from .provenance import remember_metadata, write_metadata
-from .runtime_forms import write_runtime_forms
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graphs, without_shadowed_names
 from .shapes import apply_inferred_shapes, refine_shapes
-from .sums import regroup_sums, unstack_sums
+from .sums import REGROUP_SUMS, regroup_sums
 from .weights import constants_of, hold_apart_from_input, release_all
 
 def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_weight_inputs=False,
@@ -82,8 +81,8 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
     normalized = None
     for scope, engine in zip(scopes, engines):
         refine = (lambda: refine_shapes(graph, model)) if scope is graph else None
-        counts = _rewrite_to_fixpoint(scope, engine, cleanups, passes, refine)
-        counts.update(write_runtime_forms(scope, names))  # once the rules are done: they match the old forms
+        counts = _rewrite_to_fixpoint(scope, engine, [s for s in cleanups if s not in LATE], passes, refine)
+        counts.update({step.name: step.run(scope, names) for step in cleanups if step in LATE})
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
     graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     rewrites = [r for e in engines for r in e.rewrites]
@@ -135,7 +134,7 @@ def _rewrite_to_fixpoint(graph, engine, cleanups, passes=(), refine=None) -> dic
     """Rules, passes and clean-ups in turn until none changes the graph; the clean-up counts.
 
     `refine()` runs shape inference again after constants were folded (main graph only)."""
-    normalized = {**normalize(graph, engine.names, cleanups), "stacked-sums": 0, "regrouped-sums": 0}
+    normalized = normalize(graph, engine.names, cleanups)
     while refine and normalized.get("constant-subgraphs") and _folded_more(graph, engine, cleanups, refine,
                                                                              normalized):
         pass
@@ -145,9 +144,6 @@ def _rewrite_to_fixpoint(graph, engine, cleanups, passes=(), refine=None) -> dic
         again = normalize(graph, engine.names, cleanups)
         if refine and again.get("constant-subgraphs"):
             refine()
-        # Once the rules are done, sums whose mergeable terms are not siblings are regrouped.
-        again["stacked-sums"] = unstack_sums(graph)
-        again["regrouped-sums"] = regroup_sums(graph, engine)
         normalized = {key: normalized[key] + again[key] for key in normalized}
         if not passed and not any(again.values()):
             return normalized
@@ -184,7 +180,9 @@ def _without_inputs(model, names) -> onnx.ModelProto:
 
 
 # Folds a rule file cannot express (linear_consumers.py says why), named like rules.
-PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers}
+# Folds no rule file can express. Once the rules are done, a sum whose mergeable terms are
+# not siblings is regrouped so that they are (the rules then merge them).
+PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers, REGROUP_SUMS: regroup_sums}
 
 
 def select_passes(only=None, skip=None) -> list:

@@ -27,16 +27,16 @@ COUNTS = ("gelu", "global-average-pool")
 _FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
-def write_runtime_forms(graph: gs.Graph, names: NameSource) -> dict:
-    """Rewrite every GELU and pooled head found; return how many of each."""
+def write_runtime_forms(graph: gs.Graph, names: NameSource, kinds=COUNTS) -> dict:
+    """Rewrite every GELU and pooled head found (of `kinds`); return how many of each."""
     counts = dict.fromkeys(COUNTS, 0)
     outputs = {id(t) for t in graph.outputs}
     for node in list(graph.nodes):
         if not is_standard(node) or not node.outputs:
             continue
-        if node.op == "Erf" or (node.op == "Tanh" and graph.opset >= 20):
+        if "gelu" in kinds and (node.op == "Erf" or (node.op == "Tanh" and graph.opset >= 20)):
             counts["gelu"] += _gelu(graph, node, outputs, names)
-        elif node.op == "ReduceMean":
+        elif "global-average-pool" in kinds and node.op == "ReduceMean":
             counts["global-average-pool"] += _global_pool(node, graph.opset, outputs)
     if any(counts.values()):
         graph.cleanup()

@@ -25,6 +25,9 @@ _SUM_OPS = {"Add", "Sum"}
 _MAX_TERMS = 32  # beyond this a tree is left as it is: pairs are tried one by one
 
 
+REGROUP_SUMS = "regroup-sums"
+
+
 def regroup_sums(graph: gs.Graph, engine) -> int:
     """Regroup every sum tree of `graph` where that lets terms merge; return how many."""
     # `kept`: the graph's outputs, and values a nested graph (If, Loop body) reads

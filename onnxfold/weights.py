@@ -59,6 +59,12 @@ def _dense_values(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
+def _is_in_file(tensor) -> bool:
+    """A constant whose values are still in the model's file (references.py)."""
+    stored = getattr(tensor, "_values", None)
+    return type(stored) is LazyValues and is_reference(stored.tensor)
+
+
 def set_numpy_type(constant, numpy_type) -> None:
     """Give a constant of a type numpy lacks (bfloat16, float8, ...) its ml_dtypes type:
     `Constant.dtype` reads it from the stored values."""
