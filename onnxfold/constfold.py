@@ -30,10 +30,13 @@ from .weights import constant_values, tensor_proto
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
            "Bernoulli", "Dropout"}
 # A folded value may be at most this many times the bytes of the constants it is computed
-# from, plus _SLACK bytes (shape vectors, small tables): a ConstantOfShape or an Expand
-# that writes megabytes from a few numbers stays computed.
+# from, plus a slack: _SLACK bytes (shape vectors, small tables), or up to 1% of the
+# graph's weights but never _CAP or more. Below that, storing a value computed at every
+# run (Swin's attention masks, a detector's anchor grid) is worth its bytes; a
+# ConstantOfShape or an Expand that writes megabytes from a few numbers stays computed.
 _GROWTH = 4
 _SLACK = 4096
+_CAP = 1 << 20
 # Element types onnxruntime's Python API cannot return (it has no numpy type for them).
 _UNREADABLE = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
                getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
@@ -50,8 +53,9 @@ def fold_constants(graph, names) -> int:
     changed = _fold_static_shapes(graph)
     changed = _static_reshape_targets(graph, names) or changed
     excluded: set = set()
+    slack = _slack(graph)
     while True:
-        nodes, frontier = _select(graph, excluded)
+        nodes, frontier = _select(graph, excluded, slack)
         if not frontier:  # nothing, or only nodes no one reads: normalize's clean-up drops them
             break
         values = _evaluate(nodes, frontier, graph.opset)
@@ -61,7 +65,7 @@ def fold_constants(graph, names) -> int:
                 break
             excluded |= {id(n) for n in failed}
             continue
-        too_big = [t for t, array in zip(frontier, values) if not _fits(t, array, nodes)]
+        too_big = [t for t, array in zip(frontier, values) if not _fits(t, array, nodes, slack)]
         if too_big:  # sizes inference did not know: leave those, evaluate the rest again
             excluded |= {id(t.inputs[0]) for t in too_big}
             continue
@@ -263,14 +267,21 @@ def _cast_like_to_cast(graph) -> None:
 
 # ---- constant subgraphs ---------------------------------------------------------------
 
-def _select(graph, excluded):
+def _slack(graph) -> int:
+    """The bytes any fold may take, whatever it is computed from (see _GROWTH)."""
+    weights = sum(constant_size(t) * np.dtype(t.dtype).itemsize for t in graph.tensors().values()
+                  if is_constant(t) and t.dtype is not None)
+    return max(_SLACK, min(_CAP - 1, weights // 100))
+
+
+def _select(graph, excluded, slack):
     """The nodes computed from constants alone, in an order onnxruntime can run, and the
     values they hand to the rest of the graph (the frontier); a node whose frontier value
     cannot be folded (a graph output, an unreadable type, too large) is left out in turn."""
     while True:
         nodes = _constant_nodes(graph, excluded)
         frontier = _frontier(graph, nodes)
-        bad = {id(t.inputs[0]) for t in frontier if not _foldable_value(graph, t, nodes)}
+        bad = {id(t.inputs[0]) for t in frontier if not _foldable_value(graph, t, nodes, slack)}
         if not bad:
             return nodes, frontier
         excluded |= bad
@@ -311,7 +322,7 @@ def _frontier(graph, nodes) -> list:
             if t.name and (id(t) in outputs or any(id(c) not in ids for c in t.outputs))]
 
 
-def _foldable_value(graph, tensor, nodes) -> bool:
+def _foldable_value(graph, tensor, nodes, slack) -> bool:
     if tensor in graph.outputs or tensor.type != "tensor_type" or tensor.dtype is None:
         return False
     if onnx_type(tensor.dtype) in _UNREADABLE:
@@ -319,20 +330,20 @@ def _foldable_value(graph, tensor, nodes) -> bool:
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return True  # checked once evaluated
-    return _within_budget(math.prod(shape) * np.dtype(tensor.dtype).itemsize, tensor, nodes)
+    return _within_budget(math.prod(shape) * np.dtype(tensor.dtype).itemsize, tensor, nodes, slack)
 
 
-def _fits(tensor, array, nodes) -> bool:
-    return isinstance(array, np.ndarray) and _within_budget(array.nbytes, tensor, nodes)
+def _fits(tensor, array, nodes, slack) -> bool:
+    return isinstance(array, np.ndarray) and _within_budget(array.nbytes, tensor, nodes, slack)
 
 
-def _within_budget(size, tensor, nodes) -> bool:
-    return size <= _SLACK or size <= _budget(tensor, nodes)  # most folds are small: no walk
+def _within_budget(size, tensor, nodes, slack) -> bool:
+    return size <= slack or size <= _budget(tensor, nodes, slack)  # most folds are small: no walk
 
 
-def _budget(tensor, nodes) -> int:
+def _budget(tensor, nodes, slack) -> int:
     """The most bytes `tensor` may take as a constant: _GROWTH times the constants it is
-    computed from, plus _SLACK."""
+    computed from, plus `slack`."""
     ids = {id(n) for n in nodes}
     seen, leaves, stack = set(), {}, [tensor]
     while stack:
@@ -344,7 +355,7 @@ def _budget(tensor, nodes) -> int:
             leaves[id(value)] = constant_size(value) * np.dtype(value.dtype).itemsize
         elif value.inputs and id(value.inputs[0]) in ids:
             stack.extend(t for t in value.inputs[0].inputs if t.name)
-    return _GROWTH * sum(leaves.values()) + _SLACK
+    return _GROWTH * sum(leaves.values()) + slack
 
 
 def _evaluate(nodes, frontier, opset):

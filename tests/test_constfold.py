@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -365,3 +366,21 @@ def test_shape_inference_runs_again_once_constants_folded():
     optimized, report = optimize(model)
     assert [node.op_type for node in optimized.graph.node] == ["Pad", "Reshape"], report.render(explain=True)
     assert_same_function(model, optimized)
+
+
+@pytest.mark.parametrize("features, folds", [(8, False), (4096, True)])
+def test_a_value_computed_at_every_run_is_stored_when_small_beside_the_weights(features, folds):
+    """An 8 KiB value made from one number (a mask, an anchor grid) is stored once the
+    graph's weights are 100 times its size (1 MiB here), and left computed beside 2 KiB."""
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["mask"],
+                              value=numpy_helper.from_array(np.float32([-100.0]))),
+             helper.make_node("Add", ["x", "mask"], ["y"]),
+             helper.make_node("MatMul", ["x", "W"], ["z"])]
+    weight = np.random.default_rng(0).normal(size=(64, features)).astype(np.float32)
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [32, 64])],
+                   [helper.make_tensor_value_info("y", F, [32, 64]),
+                    helper.make_tensor_value_info("z", F, [32, features])],
+                   [numpy_helper.from_array(np.int64([32, 64]), "shape"), numpy_helper.from_array(weight, "W")])
+    optimized, _ = optimize(model)
+    assert ("ConstantOfShape" not in op_counts(optimized)) == folds
+    _same_at(model, optimized, [(32, 64)])
