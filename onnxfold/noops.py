@@ -9,6 +9,7 @@ The output's type must equal the input's: a Cast is dropped only to the type it 
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from .graph import is_constant, is_present, is_standard, is_static, onnx_type, producer, rank_of
 from .normalize import Cleanup, _bypass, bypassing
@@ -163,6 +164,46 @@ def _merge_transpose_chains(graph, names) -> int:
     return count
 
 
+def _merge_slice_chains(graph, names) -> int:
+    """Slice(Slice(x, a), b) over different axes is one Slice over both: slicing one axis
+    does not move the elements of another. Every parameter must be a constant; the first
+    Slice goes once nothing else reads it."""
+    count = 0
+    own = {id(node) for node in graph.nodes}
+    for node in list(graph.nodes):
+        if node.op != "Slice" or not node.outputs or not is_standard(node) or graph.opset < 10:
+            continue
+        first = producer(node.inputs[0])
+        if first is None or first.op != "Slice" or not is_standard(first) or id(first) not in own:
+            continue
+        outer, inner = _slice_parameters(first), _slice_parameters(node)
+        if outer is None or inner is None or set(outer[2]) & set(inner[2]):
+            continue
+        merged = [np.asarray(a + b, dtype=np.int64) for a, b in zip(outer, inner)]
+        parameters = [gs.Constant(names.fresh(f"{node.name}_{what}"), values)
+                      for what, values in zip(("starts", "ends", "axes", "steps"), merged)]
+        data = first.inputs[0]
+        node.inputs.clear()  # graph-surgeon's input list keeps each value's readers in step
+        node.inputs.extend([data, *parameters])
+        count += 1
+    return count
+
+
+def _slice_parameters(node):
+    """(starts, ends, axes >= 0, steps) of a Slice whose parameters are all constants and
+    whose input's rank is known; else None."""
+    starts, ends = _ints(node, 1, "starts"), _ints(node, 2, "ends")
+    axes, steps = _ints(node, 3, "axes"), _ints(node, 4, "steps")
+    rank = rank_of(node.inputs[0])
+    if None in (starts, ends, axes, steps) or rank is None or len(starts) != len(ends):
+        return None
+    axes = axes or list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    if len(axes) != len(starts) or len(steps) != len(starts) or not all(-rank <= a < rank for a in axes):
+        return None
+    return starts, ends, [a % rank for a in axes], steps
+
+
 STEPS = [
     Cleanup("identity-slice", "a Slice of the full range of every axis it names is removed",
             bypassing({"Slice"}, _full_slice_source)),
@@ -182,4 +223,6 @@ STEPS = [
             bypassing({"Squeeze", "Unsqueeze"}, _cancelling_squeeze_source)),
     Cleanup("transpose-chain", "two Transposes in a row become one, or none",
             _merge_transpose_chains),
+    Cleanup("slice-chain", "two Slices in a row over different axes become one",
+            _merge_slice_chains),
 ]

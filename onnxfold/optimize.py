@@ -186,9 +186,13 @@ PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers, REGROUP_SUMS: regroup
 
 
 def select_passes(only=None, skip=None) -> list:
-    """The passes (folds no rule file can express) to run, after --only and --skip."""
-    return [(name, run) for name, run in PASSES.items()
-            if (not only or name in only) and name not in (skip or [])]
+    """The passes (folds no rule file can express) to run, after --only and --skip.
+
+    regroup-sums only lets rules meet their pattern, so it is chosen as a clean-up is:
+    it runs with any rule `only` names, unless `only` names clean-ups (or it) instead."""
+    names_steps = any(name in CLEANUP_NAMES or name == REGROUP_SUMS for name in (only or []))
+    return [(name, run) for name, run in PASSES.items() if name not in (skip or []) and
+            (not only or name in only or (name == REGROUP_SUMS and not names_steps))]
 
 
 def select_rules(rules, only=None, skip=None) -> list:
