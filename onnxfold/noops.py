@@ -164,6 +164,28 @@ def _merge_transpose_chains(graph, names) -> int:
     return count
 
 
+def _transposes_to_reshapes(graph, names) -> int:
+    """A Transpose that keeps the order of every axis larger than 1 (it moves only axes of
+    size 1, as a [1, L, C] -> [L, 1, C] of batch-first attention does) leaves the elements
+    in place: it is a Reshape, which copies nothing and merges with the Reshapes around it.
+    Needs every size known, none 0."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not node.outputs or not is_standard(node):
+            continue
+        shape, perm = node.inputs[0].shape, node.attrs.get("perm")
+        if perm is None or not is_static(shape) or len(perm) != len(shape) or 0 in shape:
+            continue
+        kept = [axis for axis in perm if shape[axis] != 1]
+        if kept != sorted(kept) or list(perm) == list(range(len(perm))):
+            continue
+        target = np.asarray([shape[axis] for axis in perm], dtype=np.int64)
+        node.op, node.attrs = "Reshape", {}
+        node.inputs.append(gs.Constant(names.fresh(f"{node.name}_shape"), target))
+        count += 1
+    return count
+
+
 def _merge_slice_chains(graph, names) -> int:
     """Slice(Slice(x, a), b) over different axes is one Slice over both: slicing one axis
     does not move the elements of another. Every parameter must be a constant; the first
@@ -223,6 +245,8 @@ STEPS = [
             bypassing({"Squeeze", "Unsqueeze"}, _cancelling_squeeze_source)),
     Cleanup("transpose-chain", "two Transposes in a row become one, or none",
             _merge_transpose_chains),
+    Cleanup("transpose-as-reshape", "a Transpose that moves only axes of size 1 is a Reshape",
+            _transposes_to_reshapes),
     Cleanup("slice-chain", "two Slices in a row over different axes become one",
             _merge_slice_chains),
 ]

@@ -44,7 +44,8 @@ def test_example_changes_the_graph_and_keeps_the_function(case):
     # Fewer nodes or weights; an inlined If leaves its Identity links to identity-and-dropout.
     assert (report.after["nodes"], report.after["parameters"]) < (report.before["nodes"], report.before["parameters"]) \
         or case["cleanup"] == "constant-if" and "If" not in report.after["ops"] \
-        or case["cleanup"] == "global-average-pool" and "ReduceMean" not in report.after["ops"]
+        or case["cleanup"] == "global-average-pool" and "ReduceMean" not in report.after["ops"] \
+        or case["cleanup"] == "transpose-as-reshape" and "Transpose" not in report.after["ops"]
     onnx.checker.check_model(optimized, full_check=True)
     assert_same_function(model, optimized)
 
