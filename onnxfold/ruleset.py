@@ -103,8 +103,27 @@ def load_rules(extra_dirs=()) -> list:
     return rules
 
 
+# Parsed and checked rules by (path, modification time, size): checking a rule file costs
+# milliseconds, and a program that optimizes many models loads the same files each time.
+_PARSED: dict = {}
+
+
 def load_rule_file(path) -> Rule:
     path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None  # the read below says what is wrong
+    if key in _PARSED:
+        return _PARSED[key]
+    rule = _parse_rule_file(path)
+    if key is not None:
+        _PARSED[key] = rule
+    return rule
+
+
+def _parse_rule_file(path) -> Rule:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:

@@ -186,3 +186,13 @@ g (float[1,2,5,5] x, float[2,2,3,3] W, float[2] gamma, float[2] beta, float[2] m
     optimized, report = optimize(model)
     assert [node.op_type for node in optimized.graph.node] == ["Conv"], report.render(explain=True)
     assert_same_function(model, optimized)
+
+
+def test_a_rule_file_is_parsed_once_until_it_changes(tmp_path):
+    folder = _user_rule(tmp_path / "rules", "my-copy")
+    path = folder / "my-copy.toml"
+    first = load_rule_file(path)
+    assert load_rule_file(path) is first  # unchanged: the parsed rule is reused
+    path.write_text(f'name = "my-copy"\nbenefit = 7\n' + FOLD_BN_INTO_CONV)
+    edited = load_rule_file(path)
+    assert edited is not first and edited.benefit == 7
