@@ -267,21 +267,23 @@ def _job_dict(result) -> dict:
 @_handle_errors
 def rules_command(name, rule_dirs):
     """List the rules and clean-ups, or show rule NAME in full."""
-    from . import linear_consumers  # a fold no rule file can express; listed with them
+    from . import linear_consumers, sums  # passes: what no rule file can express; listed with them
 
+    passes = {module.RULE: module for module in (linear_consumers, sums)}
     rules = load_rules(rule_dirs)
     if name is None:
         width = max(len(entry.name) for entry in [*rules, *CLEANUPS])
         for rule in rules:
             click.echo(f"{rule.name:<{width}}  {rule.summary}")
-        click.echo(f"{linear_consumers.RULE:<{width}}  {linear_consumers.SUMMARY}")
+        for pass_name, module in passes.items():
+            click.echo(f"{pass_name:<{width}}  {module.SUMMARY}")
         click.echo("\nclean-ups (run before the rules and after each round of them):")
         for step in CLEANUPS:
             click.echo(f"{step.name:<{width}}  {step.summary}")
         return
-    if name == linear_consumers.RULE:
-        click.echo(f"{name}\n\n{linear_consumers.SUMMARY}\n\n{linear_consumers.__doc__.strip()}\n\n"
-                   f"file: {linear_consumers.__file__}")
+    if name in passes:
+        module = passes[name]
+        click.echo(f"{name}\n\n{module.SUMMARY}\n\n{module.__doc__.strip()}\n\nfile: {module.__file__}")
         return
     step = next((step for step in CLEANUPS if step.name == name), None)
     if step is not None:

@@ -25,7 +25,8 @@ _SUM_OPS = {"Add", "Sum"}
 _MAX_TERMS = 32  # beyond this a tree is left as it is: pairs are tried one by one
 
 
-REGROUP_SUMS = "regroup-sums"
+RULE = REGROUP_SUMS = "regroup-sums"
+SUMMARY = "Add(Add(a, b), c) with a and c mergeable  =>  Add(Add(a, c), b), so a rule merges a and c"
 
 
 def regroup_sums(graph: gs.Graph, engine) -> int:

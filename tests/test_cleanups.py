@@ -155,6 +155,10 @@ def test_rules_lists_the_cleanups_and_refuses_a_rule_named_like_one(tmp_path):
     assert listing.returncode == 0
     for step in CLEANUPS:
         assert f"{step.name} " in listing.stdout and step.summary in listing.stdout
+    from onnxfold.optimize import PASSES  # the folds no rule file expresses: listed and shown too
+
+    for name in PASSES:
+        assert f"{name} " in listing.stdout and onnxfold("rules", name).returncode == 0
     shown = onnxfold("rules", "common-subexpressions")
     assert shown.returncode == 0 and "clean-up" in shown.stdout
     rules = tmp_path / "rules"
