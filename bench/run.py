@@ -92,13 +92,17 @@ def geomean(values):
 
 # --- onnxruntime latency -------------------------------------------------------------------
 
-def make_session(model, threads):
+def make_session(model, threads, spinning=True):
+    """A CPU session for timing. spinning=False: intra-op threads that spin while waiting
+    for a core make every latency a measure of the neighbours on a shared machine."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 4
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

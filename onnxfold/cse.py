@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import is_constant, is_standard
 from .constfold import is_random
-from .normalize import Cleanup, _bypass
+from .normalize import Cleanup, _bypass, redirect
 from .weights import constant_values, sampled_bytes
 
 _SAMPLES = 64  # elements read to tell weights of one shape apart before hashing them all
@@ -137,10 +137,7 @@ def _merge(graph, duplicate, kept) -> int:
     if any(t in graph.outputs for t in duplicate.outputs):
         return 0
     for value, replacement in zip(duplicate.outputs, kept.outputs):
-        for consumer in list(value.outputs):
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is value:
-                    consumer.inputs[index] = replacement
+        redirect(value, replacement)
     duplicate.inputs.clear()
     duplicate.outputs.clear()
     return 1

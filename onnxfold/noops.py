@@ -33,18 +33,10 @@ def _same_type(a, b) -> bool:
 
 def _full_slice_source(node):
     """Slice taking every element of every axis it names, in order (step 1)."""
-    data = node.inputs[0]
-    starts, ends = _ints(node, 1, "starts"), _ints(node, 2, "ends")
-    axes, steps = _ints(node, 3, "axes"), _ints(node, 4, "steps")
-    rank = rank_of(data)
-    if None in (starts, ends, axes, steps) or rank is None or len(starts) != len(ends):
+    data, parameters = node.inputs[0], _slice_parameters(node)
+    if parameters is None or any(step != 1 for step in parameters[3]):
         return None
-    axes = axes or list(range(len(starts)))
-    if len(axes) != len(starts) or any(step != 1 for step in steps):
-        return None
-    for axis, start, end in zip(axes, starts, ends):
-        if not -rank <= axis < rank:
-            return None
+    for start, end, axis in zip(*parameters[:3]):
         size = data.shape[axis]
         known = isinstance(size, int) and size >= 0
         # Without the size, only start 0 and the largest end are surely the full range.

@@ -218,13 +218,18 @@ def _bypass(graph, node, source=None) -> int:
             source.dtype, source.type = result.dtype, result.type
         source.shape = source.shape or result.shape
         outputs[outputs.index(result)] = source
-    for consumer in list(result.outputs):
-        for index, tensor in enumerate(consumer.inputs):
-            if tensor is result:
-                consumer.inputs[index] = source
+    redirect(result, source)
     node.inputs.clear()
     node.outputs.clear()
     return 1
+
+
+def redirect(value, replacement) -> None:
+    """Every node reading `value` reads `replacement` instead."""
+    for consumer in list(value.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is value:
+                consumer.inputs[index] = replacement
 
 
 def _sequence_splits_to_split(graph, names) -> int:

@@ -39,7 +39,8 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from run import geomean, interleaved_samples, paired_ratio, print_table, short_error  # noqa: E402
+from run import (geomean, interleaved_samples, make_session, paired_ratio, print_table,  # noqa: E402
+                 short_error)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("onnxfold", "onnxsim", "onnxslim")
@@ -199,19 +200,6 @@ def bench_entry(entry, folder, scratch, args):
     return result
 
 
-def timed_session(model, threads):
-    """run.py's session, with spinning off: on a shared machine, intra-op threads that spin
-    while waiting for a core make every latency a measure of the neighbours."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def plain_outputs(model, feed, threads):
     """Outputs with onnxruntime's own graph rewrites off: parity judges the tool's, not ORT's."""
     options = ort.SessionOptions()
@@ -228,7 +216,7 @@ def measure_outputs(result, models, feed, args):
     for name, model in models.items():
         try:
             outputs[name] = plain_outputs(model, feed, args.threads)
-            sessions[name] = timed_session(model, args.threads)
+            sessions[name] = make_session(model, args.threads, spinning=False)
         except Exception as error:  # noqa: BLE001 - a tool's output onnxruntime refuses
             result["errors"][f"{name} in onnxruntime"] = short_error(error)
     result["max_abs_diff"], result["changed"] = {}, {}
