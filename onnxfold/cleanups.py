@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import cse, noops, normalize
 from .normalize import Cleanup
 from .runtime_forms import write_runtime_forms
+from .sibling_matmuls import merge_sibling_matmuls, NAME as SIBLING_MATMULS, SUMMARY as SIBLING_SUMMARY
 from .sums import unstack_sums
 
 STACKED_SUMS = Cleanup("stacked-sums", "torch.stack(terms).sum(0) (Unsqueeze, Concat, ReduceSum) is a Sum",
@@ -19,7 +20,8 @@ LATE = [Cleanup("gelu", "a decomposed GELU becomes the form onnxruntime fuses (G
                 lambda graph, names: write_runtime_forms(graph, names, ("gelu",))["gelu"]),
         Cleanup("global-average-pool", "a ReduceMean over the spatial axes of a 4-D tensor is a "
                 "GlobalAveragePool", lambda graph, names: write_runtime_forms(
-                    graph, names, ("global-average-pool",))["global-average-pool"])]
+                    graph, names, ("global-average-pool",))["global-average-pool"]),
+        Cleanup(SIBLING_MATMULS, SIBLING_SUMMARY, merge_sibling_matmuls)]
 CLEANUPS = [*normalize.STEPS, *noops.STEPS, *cse.STEPS, STACKED_SUMS, *LATE]
 NAMES = [step.name for step in CLEANUPS]
 
