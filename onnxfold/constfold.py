@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from .graph import constant_size, is_constant, is_standard, onnx_type
+from .graph import constant_size, drop_unused_nodes, is_constant, is_standard, onnx_type
 from .text import first_line
 from .weights import constant_values, tensor_proto
 
@@ -73,7 +73,7 @@ def fold_constants(graph, names) -> int:
         changed = True
         break
     if changed:  # a clean-up costs a walk of the whole graph: only when there is something
-        graph.cleanup()
+        drop_unused_nodes(graph)
     return before - len(graph.nodes)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .constfold import fold_constants
-from .graph import attributes, is_constant, is_standard, is_static, producer
+from .graph import attributes, drop_unused_nodes, is_constant, is_standard, is_static, producer
 from .names import NameSource, name_nodes
 from .weights import constant_values
 
@@ -40,13 +40,13 @@ def normalize(graph: gs.Graph, names: NameSource | None = None, steps=None) -> d
 
     `names` gives fresh names unique across all scopes (for unnamed nodes, inlined If branches).
     """
-    graph.cleanup()  # drop nodes an earlier rewrite disconnected
+    drop_unused_nodes(graph)  # nodes an earlier rewrite disconnected
     names = names or NameSource([graph, *graph.subgraphs(recursive=True)])
     name_nodes(graph, names)
     counts = {}
     for step in STEPS if steps is None else steps:
         counts[step.name] = step.run(graph, names)
-    graph.cleanup()
+    drop_unused_nodes(graph)
     return counts
 
 

@@ -14,7 +14,7 @@ from .linear_consumers import RULE as LINEAR_CONSUMERS, fold_bn_into_linear_cons
 from .names import NameSource
 from .export import export_model
 from .errors import OnnxfoldError
-from .graph import use_numpy_types
+from .graph import drop_unused_nodes, sort_nodes, use_numpy_types
 from .modelio import complaints, copy_without, load_model, validity_complaint
 from .normalize import normalize
 from .provenance import remember_metadata, write_metadata
@@ -73,7 +73,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
     imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
     apply_inferred_shapes(graph, model)
-    graph.toposort()
+    sort_nodes(graph)
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
     scopes = [graph, *graph.subgraphs(recursive=True)]
     names = NameSource(scopes)
@@ -84,7 +84,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
         counts = _rewrite_to_fixpoint(scope, engine, [s for s in cleanups if s not in LATE], passes, refine)
         counts.update({step.name: step.run(scope, names) for step in cleanups if step in LATE})
         normalized = counts if normalized is None else {k: normalized[k] + counts[k] for k in counts}
-    graph.cleanup(recurse_subgraphs=True).toposort(recurse_subgraphs=True)
+    sort_nodes(drop_unused_nodes(graph))  # graph-surgeon's, into nested graphs, where there are any
     rewrites = [r for e in engines for r in e.rewrites]
     misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import attributes, is_constant, is_standard, producer
+from .graph import attributes, drop_unused_nodes, is_constant, is_standard, producer
 from .names import NameSource
 from .weights import constant_values
 
@@ -39,7 +39,7 @@ def write_runtime_forms(graph: gs.Graph, names: NameSource, kinds=COUNTS) -> dic
         elif "global-average-pool" in kinds and node.op == "ReduceMean":
             counts["global-average-pool"] += _global_pool(node, graph.opset, outputs)
     if any(counts.values()):
-        graph.cleanup()
+        drop_unused_nodes(graph)
     return counts
 
 

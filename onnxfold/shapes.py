@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .export import value_info
-from .graph import constant_size, dims_of, without_negative_dims
+from .graph import constant_size, dims_of, sort_nodes, without_negative_dims
 from .modelio import copy_fields, without_large_weights
 from .references import INLINE_LIMIT
 from .scopes import graphs
@@ -90,7 +90,7 @@ def _set_type(tensor, kind) -> None:
 def refine_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """Run inference again on the rewritten graph (main graph and bodies); where it now
     knows a computed value's shape, that replaces what was known."""
-    graph.toposort()  # rewrites insert nodes where they fit; inference reads in order
+    sort_nodes(graph)  # rewrites insert nodes where they fit; inference reads in order
     inferred = _inferred_types(_skeleton(graph, model))
     scopes = [graph, *graph.subgraphs(recursive=True)]
     declared = {id(t) for scope in scopes for t in scope.inputs}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import is_constant, is_standard
+from .graph import drop_unused_nodes, is_constant, is_standard
 from .names import NameSource
 from .weights import constant_values
 
@@ -52,7 +52,7 @@ def merge_sibling_matmuls(graph: gs.Graph, names: NameSource) -> int:
             _merge(graph, value, group, biases, names)
             removed += saved
     if removed:
-        graph.cleanup()
+        drop_unused_nodes(graph)
     return removed
 
 
