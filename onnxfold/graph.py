@@ -162,9 +162,13 @@ def onnx_type(dtype) -> int:
 def holds_graphs(graph) -> bool:
     """Whether a node of `graph` holds a nested graph, or the graph has local functions:
     then graph-surgeon's own walks, which follow values into them, are used."""
-    return bool(graph.functions) or any(
-        isinstance(value, gs.Graph) or (isinstance(value, list) and any(isinstance(v, gs.Graph) for v in value))
-        for node in graph.nodes for value in node.attrs.values())
+    if graph.functions:
+        return True
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):  # graph-surgeon holds a nested graph this way only
+                return True
+    return False
 
 
 def drop_unused_nodes(graph):
