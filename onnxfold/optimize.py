@@ -151,7 +151,8 @@ def _rewrite_to_fixpoint(graph, engine, cleanups, passes=(), refine=None) -> dic
 
 def _folded_more(graph, engine, cleanups, refine, normalized) -> bool:
     """Shape inference again, then the clean-ups: True while that folds more constants."""
-    refine()
+    if not refine():
+        return False
     again = normalize(graph, engine.names, cleanups)
     for key, count in again.items():
         normalized[key] += count

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .export import value_info
-from .graph import constant_size, dims_of, sort_nodes, without_negative_dims
+from .graph import constant_size, dims_of, holds_graphs, is_static, sort_nodes, without_negative_dims
 from .modelio import copy_fields, without_large_weights
 from .references import INLINE_LIMIT
 from .scopes import graphs
@@ -87,9 +87,13 @@ def _set_type(tensor, kind) -> None:
         tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(inner.elem_type)
 
 
-def refine_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+def refine_shapes(graph: gs.Graph, model: onnx.ModelProto) -> bool:
     """Run inference again on the rewritten graph (main graph and bodies); where it now
-    knows a computed value's shape, that replaces what was known."""
+    knows a computed value's shape, that replaces what was known. Where every computed
+    value's type and shape are already fully known, there is nothing left to learn:
+    False then, True when inference ran."""
+    if _all_known(graph):
+        return False
     sort_nodes(graph)  # rewrites insert nodes where they fit; inference reads in order
     inferred = _inferred_types(_skeleton(graph, model))
     scopes = [graph, *graph.subgraphs(recursive=True)]
@@ -99,6 +103,13 @@ def refine_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
             kind = inferred.get(tensor.name)
             if _has_shape(kind) and not isinstance(tensor, gs.Constant) and id(tensor) not in declared:
                 _set_type(tensor, kind)
+    return True
+
+
+def _all_known(graph) -> bool:
+    return not holds_graphs(graph) and all(
+        tensor.dtype is not None and is_static(tensor.shape)
+        for node in graph.nodes for tensor in node.outputs if tensor.name)
 
 
 def _has_shape(kind) -> bool:
