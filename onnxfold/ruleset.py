@@ -22,6 +22,8 @@ the bigger pattern first, so a smaller one does not take part of its match).
 
 from __future__ import annotations
 
+import os
+
 import inspect
 import tomllib
 from dataclasses import dataclass, field
@@ -112,7 +114,7 @@ def load_rule_file(path) -> Rule:
     path = Path(path)
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)  # resolve() costs a stat per folder
     except OSError:
         key = None  # the read below says what is wrong
     if key in _PARSED:
