@@ -81,6 +81,7 @@ def release_values(constant) -> None:
     """
     stored = constant._values  # noqa: SLF001
     constant._values = np.broadcast_to(np.zeros((), stored.dtype), stored.shape)  # noqa: SLF001 - no memory
+    constant.__dict__.pop(_SAMPLE, None)  # it holds the stored values too
 
 
 def hold_apart_from_input(graph) -> list:
@@ -154,12 +155,24 @@ def tensor_proto(constant) -> onnx.TensorProto:
         proto = onnx.numpy_helper.from_array(np.asarray(constant_values(constant)))
     proto.name = constant.name
     return proto
+_SAMPLE = "_onnxfold_sample"  # (stored values, count, sample) kept on the constant
+
+
 def sampled_bytes(tensor, count: int) -> bytes:
     """The bytes of `count` evenly spaced elements of a constant (every `size // count`-th,
     from the first), read from the model's file without reading the whole weight where
-    it is still there (references.sample_reference takes the same elements)."""
+    it is still there (references.sample_reference takes the same elements).
+
+    Kept on the constant while it holds the same values: reading a weight in memory copies
+    all its bytes (protobuf hands them out whole), and each clean-up pass samples again."""
     stored = tensor._values  # noqa: SLF001
+    kept = tensor.__dict__.get(_SAMPLE)
+    if kept is not None and kept[0] is stored and kept[1] == count:
+        return kept[2]
     if _is_in_file(tensor) and stored.tensor.data_type in RAW_TYPES:
-        return sample_reference(stored.tensor, count)
-    flat = constant_values(tensor).reshape(-1)
-    return np.ascontiguousarray(flat[::max(1, flat.size // count)][:count]).tobytes()
+        sample = sample_reference(stored.tensor, count)
+    else:
+        flat = constant_values(tensor).reshape(-1)
+        sample = np.ascontiguousarray(flat[::max(1, flat.size // count)][:count]).tobytes()
+    tensor.__dict__[_SAMPLE] = (stored, count, sample)
+    return sample

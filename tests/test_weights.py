@@ -93,3 +93,18 @@ def test_optimize_runs_no_garbage_collection():
     finally:
         gc.callbacks.remove(record)
     assert asked_for == []
+
+
+def test_a_weight_sample_is_kept_while_the_weight_holds_the_same_values():
+    import onnx_graphsurgeon as gs
+
+    from onnxfold.weights import release_values, sampled_bytes
+
+    weight = gs.import_onnx(two_conv_bn(channels=4)).tensors()["W"]
+    first = sampled_bytes(weight, 8)
+    assert sampled_bytes(weight, 8) is first  # kept, not read again
+    assert len(sampled_bytes(weight, 4)) == len(first) // 2  # another count is read anew
+    weight.values = -np.asarray(weight.values)  # new values: a new sample
+    assert sampled_bytes(weight, 8) != first
+    release_values(weight)  # nothing of the old values is held once released
+    assert "_onnxfold_sample" not in weight.__dict__
