@@ -216,11 +216,11 @@ def sort_nodes(graph):
         return list(found.values())
 
     for start in graph.nodes:
-        pending, open_nodes = [(start, False)], set()
+        pending, open_nodes = [(start, None)], set()  # (node, its producers once visited)
         while pending:
-            node, inputs_done = pending.pop()
-            if inputs_done:
-                depth[id(node)] = (1 + max((depth[id(p)][0] for p in producers(node)), default=-1), node)
+            node, sources = pending.pop()
+            if sources is not None:  # every producer is finished: so is the node
+                depth[id(node)] = (1 + max((depth[id(p)][0] for p in sources), default=-1), node)
                 open_nodes.discard(id(node))
                 continue
             if id(node) in depth:
@@ -228,7 +228,8 @@ def sort_nodes(graph):
             if id(node) in open_nodes:
                 raise ValueError(f"the graph has a cycle through node '{node.name}'")
             open_nodes.add(id(node))
-            pending.append((node, True))
-            pending.extend((p, False) for p in reversed(producers(node)) if id(p) not in depth)
+            sources = producers(node)
+            pending.append((node, sources))
+            pending.extend((p, None) for p in reversed(sources) if id(p) not in depth)
     graph.nodes = [node for _, node in sorted(depth.values(), key=lambda entry: entry[0])]
     return graph

@@ -180,9 +180,9 @@ def _without_inputs(model, names) -> onnx.ModelProto:
     return copy
 
 
-# Folds a rule file cannot express (linear_consumers.py says why), named like rules.
-# Folds no rule file can express. Once the rules are done, a sum whose mergeable terms are
-# not siblings is regrouped so that they are (the rules then merge them).
+# Folds no rule file can express (linear_consumers.py says why), named like rules. Once
+# the rules are done, a sum whose mergeable terms are not siblings is regrouped so that
+# they are (the rules then merge them).
 PASSES = {LINEAR_CONSUMERS: fold_bn_into_linear_consumers, REGROUP_SUMS: regroup_sums}
 
 

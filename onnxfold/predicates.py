@@ -38,6 +38,14 @@ def _shape(value) -> tuple:
     return tuple(int(size) for size in shape)
 
 
+def _rank(value) -> int:
+    """The value's rank; else CannotTell."""
+    rank = rank_of(value)
+    if rank is None:
+        raise CannotTell(f"the rank of '{value.name}' is not known")
+    return rank
+
+
 def _weight_shape(conv_value):
     inputs = _node(conv_value).inputs
     return _shape(inputs[1] if len(inputs) > 1 else None)
@@ -384,9 +392,7 @@ def smaller_gemm_product(first_output, second_output):
 def flattens_to_rows(flatten_output):
     """Flatten at the last axis: [..., N] becomes [rows, N], every element in its column."""
     node = _node(flatten_output)
-    rank = rank_of(node.inputs[0])
-    if rank is None:
-        raise CannotTell(f"the rank of '{node.inputs[0].name}' is not known")
+    rank = _rank(node.inputs[0])
     axis = node.attrs.get("axis", 1)  # the ONNX default
     if (axis + rank if axis < 0 else axis) != rank - 1:
         return f"'{node.name}' flattens at axis {axis} of a rank-{rank} tensor: the features do not stay one axis"
@@ -395,9 +401,7 @@ def flattens_to_rows(flatten_output):
 
 def _perm(transpose_output):
     node = _node(transpose_output)
-    rank = rank_of(node.inputs[0])
-    if rank is None:
-        raise CannotTell(f"the rank of '{node.inputs[0].name}' is not known")
+    rank = _rank(node.inputs[0])
     return node, list(node.attrs.get("perm", range(rank - 1, -1, -1)))  # the ONNX default reverses
 
 
