@@ -13,6 +13,7 @@ is a warning in the report (fold_warnings), never an error and never a library's
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -53,7 +54,7 @@ def fold_constants(graph, names) -> int:
     changed = _fold_static_shapes(graph)
     changed = _static_reshape_targets(graph, names) or changed
     excluded: set = set()
-    slack = _slack(graph)
+    slack = functools.cache(lambda: _slack(graph))  # a walk of all weights: only for a fold
     while True:
         nodes, frontier = _select(graph, excluded, slack)
         if not frontier:  # nothing, or only nodes no one reads: normalize's clean-up drops them
@@ -289,17 +290,17 @@ def _select(graph, excluded, slack):
 
 def _constant_nodes(graph, excluded) -> list:
     chosen, ids = [], set()
-    pending = [n for n in graph.nodes if id(n) not in excluded and _may_fold(n)]
+    pending = [n for n in graph.nodes if id(n) not in excluded]
     progress = True
     while pending and progress:  # in order of dependence, whatever the graph's order
         progress, waiting = False, []
-        for node in pending:
-            if all(not t.name or is_constant(t) or (t.inputs and id(t.inputs[0]) in ids) for t in node.inputs):
+        for node in pending:  # inputs first: cheaper than _may_fold, and most nodes fail it
+            if not all(not t.name or is_constant(t) or (t.inputs and id(t.inputs[0]) in ids) for t in node.inputs):
+                waiting.append(node)
+            elif _may_fold(node):
                 chosen.append(node)
                 ids.add(id(node))
                 progress = True
-            else:
-                waiting.append(node)
         pending = waiting
     return chosen
 
@@ -338,12 +339,13 @@ def _fits(tensor, array, nodes, slack) -> bool:
 
 
 def _within_budget(size, tensor, nodes, slack) -> bool:
-    return size <= slack or size <= _budget(tensor, nodes, slack)  # most folds are small: no walk
+    """`slack()` gives the bytes any fold may take (_slack)."""
+    return size <= slack() or size <= _budget(tensor, nodes, slack)  # most folds are small: no walk
 
 
 def _budget(tensor, nodes, slack) -> int:
     """The most bytes `tensor` may take as a constant: _GROWTH times the constants it is
-    computed from, plus `slack`."""
+    computed from, plus `slack()`."""
     ids = {id(n) for n in nodes}
     seen, leaves, stack = set(), {}, [tensor]
     while stack:
@@ -355,7 +357,7 @@ def _budget(tensor, nodes, slack) -> int:
             leaves[id(value)] = constant_size(value) * np.dtype(value.dtype).itemsize
         elif value.inputs and id(value.inputs[0]) in ids:
             stack.extend(t for t in value.inputs[0].inputs if t.name)
-    return _GROWTH * sum(leaves.values()) + slack
+    return _GROWTH * sum(leaves.values()) + slack()
 
 
 def _evaluate(nodes, frontier, opset):

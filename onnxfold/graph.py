@@ -3,11 +3,14 @@ it, and the two structural steps every stage takes (drop unused nodes, sort the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import CannotTell
+from .scopes import graph_and_bodies
 from .weights import constant_values, set_numpy_type
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
@@ -49,7 +52,7 @@ def use_numpy_types(graph) -> None:
     int4, ...), where the rest of onnxfold compares numpy dtypes; ml_dtypes, which onnx
     installs, has them all. Their dtype kind tells the engine whether it may fold them.
     """
-    for scope in [graph, *graph.subgraphs(recursive=True)]:
+    for scope in graph_and_bodies(graph):
         for tensor in scope.tensors().values():
             if not isinstance(tensor.dtype, int):
                 continue
@@ -62,7 +65,7 @@ def use_numpy_types(graph) -> None:
 
 def constant_size(tensor) -> int:
     """Number of elements of a constant, without reading it."""
-    return int(np.prod(tensor.shape, dtype=np.int64))
+    return math.prod(tensor.shape)
 
 
 def spatial_rank(node) -> int:
@@ -162,13 +165,7 @@ def onnx_type(dtype) -> int:
 def holds_graphs(graph) -> bool:
     """Whether a node of `graph` holds a nested graph, or the graph has local functions:
     then graph-surgeon's own walks, which follow values into them, are used."""
-    if graph.functions:
-        return True
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph):  # graph-surgeon holds a nested graph this way only
-                return True
-    return False
+    return bool(graph.functions) or len(graph_and_bodies(graph)) > 1
 
 
 def drop_unused_nodes(graph):
