@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .graph import is_constant, is_standard
 from .constfold import is_random
 from .normalize import Cleanup, _bypass, redirect
+from .scopes import graph_and_bodies
 from .weights import constant_values, sampled_bytes
 
 _SAMPLES = 64  # elements read to tell weights of one shape apart before hashing them all
@@ -46,7 +47,7 @@ def _mergeable_weights(graph) -> list:
     """The weights some node of this scope reads, none of them read outside this scope or
     a scope nested in it (so the one kept is visible to every reader), nor a graph input
     or output (those keep their names)."""
-    inner = {id(node) for scope in [graph, *graph.subgraphs(recursive=True)] for node in scope.nodes}
+    inner = {id(node) for scope in graph_and_bodies(graph) for node in scope.nodes}
     boundary = {id(t) for t in [*graph.inputs, *graph.outputs]}
     seen, weights = set(), []
     for node in graph.nodes:

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from .constfold import fold_constants
 from .graph import attributes, drop_unused_nodes, is_constant, is_standard, is_static, producer
 from .names import NameSource, name_nodes
+from .scopes import graph_and_bodies
 from .weights import constant_values
 
 _NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
@@ -41,7 +42,7 @@ def normalize(graph: gs.Graph, names: NameSource | None = None, steps=None) -> d
     `names` gives fresh names unique across all scopes (for unnamed nodes, inlined If branches).
     """
     drop_unused_nodes(graph)  # nodes an earlier rewrite disconnected
-    names = names or NameSource([graph, *graph.subgraphs(recursive=True)])
+    names = names or NameSource(graph_and_bodies(graph))
     name_nodes(graph, names)
     counts = {}
     for step in STEPS if steps is None else steps:

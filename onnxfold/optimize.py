@@ -20,7 +20,7 @@ from .normalize import normalize
 from .provenance import remember_metadata, write_metadata
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
-from .scopes import graphs, without_shadowed_names
+from .scopes import graph_and_bodies, graphs, without_shadowed_names
 from .shapes import apply_inferred_shapes, refine_shapes
 from .sums import REGROUP_SUMS, regroup_sums
 from .weights import constants_of, hold_apart_from_input, release_all
@@ -75,7 +75,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
     apply_inferred_shapes(graph, model)
     sort_nodes(graph)
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
-    scopes = [graph, *graph.subgraphs(recursive=True)]
+    scopes = graph_and_bodies(graph)
     names = NameSource(scopes)
     engines = [Engine(g, rules, names) for g in scopes]
     normalized = None

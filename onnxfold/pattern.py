@@ -39,7 +39,8 @@ def _op_matches(pattern_op, node) -> bool:
 
 
 def _match_line(line, node, values, nodes, producers):
-    if not _op_matches(line.function, node) or line.text in nodes or node in nodes.values():
+    # `is`, not `in`: graph-surgeon's Node.__eq__ compares fields (and logs each call).
+    if not _op_matches(line.function, node) or line.text in nodes or any(n is node for n in nodes.values()):
         return
     if len(node.outputs) < len(line.targets) or len(node.inputs) > len(line.args):
         return

@@ -53,7 +53,8 @@ def write_metadata(graph: gs.Graph, model: onnx.ModelProto, provenance=True) -> 
     for node, proto in _pairs(graph, model.graph):
         origin = getattr(node, _ORIGIN, None)
         if origin is None:
-            proto.metadata_props.extend(getattr(node, _METADATA, ()))
+            if hasattr(node, _METADATA):  # most have none: no call into protobuf for them
+                proto.metadata_props.extend(getattr(node, _METADATA))
         elif provenance:
             for key, names in (("onnxfold.rule", origin[0]), ("onnxfold.replaced", origin[1])):
                 proto.metadata_props.add(key=key, value=",".join(names))
@@ -66,6 +67,8 @@ def _pairs(graph: gs.Graph, proto: onnx.GraphProto):
         raise RuntimeError(f"graph '{proto.name}' has {len(proto.node)} nodes exported of {len(graph.nodes)}")
     for node, node_proto in zip(graph.nodes, proto.node):
         yield node, node_proto
+        if not any(isinstance(value, gs.Graph) for value in node.attrs.values()):
+            continue  # reading the proto's attributes costs more than this
         for attribute in node_proto.attribute:
             if attribute.HasField("g"):
                 yield from _pairs(node.attrs[attribute.name], attribute.g)

@@ -72,7 +72,7 @@ class Rule:
         return frozenset(arg.name for line in self.result for arg in line.args
                          if isinstance(arg, Name) and arg.name in computed)
 
-    @property
+    @cached_property
     def producers(self) -> dict:
         """Pattern value name -> the pattern line that computes it."""
         return {target: line for line in self.pattern for target in line.targets}

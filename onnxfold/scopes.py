@@ -1,4 +1,5 @@
-"""Subgraph names that shadow an enclosing graph's, renamed apart before the import.
+"""Nested graphs: walking them, and subgraph names that shadow an enclosing graph's,
+renamed apart before the import.
 
 ONNX scopes names lexically: an If or Loop body may define its own `g` (an initializer,
 an input, a node output) while its enclosing graph has one too, and inside the body `g`
@@ -10,6 +11,7 @@ inner definitions (and the body's uses of them) apart keeps each scope's meaning
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
 
 
 def without_shadowed_names(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -27,9 +29,11 @@ def without_shadowed_names(model: onnx.ModelProto) -> onnx.ModelProto:
 def _scopes(graph, outer=frozenset()):
     """(graph, the names its enclosing graphs define) for the graph and every nested one."""
     yield graph, outer
-    inner = outer | defined_names(graph)
-    for body in _bodies(graph):
-        yield from _scopes(body, inner)
+    bodies = list(_bodies(graph))
+    if bodies:  # the names a graph defines matter only to the graphs nested in it
+        inner = outer | defined_names(graph)
+        for body in bodies:
+            yield from _scopes(body, inner)
 
 
 def _unshadow(graph, outer: set, taken: set) -> None:
@@ -90,6 +94,15 @@ def node_bodies(node):
         if attribute.HasField("g"):
             yield attribute.g
         yield from attribute.graphs
+
+
+def graph_and_bodies(graph) -> list:
+    """The graph and every graph nested in its nodes (If, Loop and Scan bodies) at any
+    depth, outermost first: graph-surgeon's `subgraphs(recursive=True)`, whose walk costs
+    as much as a clean-up, taken only where some node holds a graph."""
+    if any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
+        return [graph, *graph.subgraphs(recursive=True)]
+    return [graph]
 
 
 def graphs(model: onnx.ModelProto):

@@ -17,7 +17,7 @@ from .export import value_info
 from .graph import constant_size, dims_of, holds_graphs, is_static, sort_nodes, without_negative_dims
 from .modelio import copy_fields, without_large_weights
 from .references import INLINE_LIMIT
-from .scopes import graphs
+from .scopes import graph_and_bodies, graphs
 
 
 def apply_inferred_shapes(graph, model) -> None:
@@ -28,7 +28,7 @@ def apply_inferred_shapes(graph, model) -> None:
     inputs keep their declared shapes, a negative size read as dynamic (is_static).
     """
     inferred = _inferred_types(model)
-    scopes = [graph, *graph.subgraphs(recursive=True)]
+    scopes = graph_and_bodies(graph)
     declared = {id(t) for scope in scopes for t in scope.inputs}
     for scope in scopes:
         for tensor in scope.inputs:
@@ -96,7 +96,7 @@ def refine_shapes(graph: gs.Graph, model: onnx.ModelProto) -> bool:
         return False
     sort_nodes(graph)  # rewrites insert nodes where they fit; inference reads in order
     inferred = _inferred_types(_skeleton(graph, model))
-    scopes = [graph, *graph.subgraphs(recursive=True)]
+    scopes = graph_and_bodies(graph)
     declared = {id(t) for scope in scopes for t in scope.inputs}
     for scope in scopes:
         for tensor in scope.tensors().values():

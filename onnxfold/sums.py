@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import infer_output_shapes, is_constant, is_present, is_standard, producer
+from .scopes import graph_and_bodies
 from .weights import constant_values
 
 _SUM_OPS = {"Add", "Sum"}
@@ -33,7 +34,7 @@ def regroup_sums(graph: gs.Graph, engine) -> int:
     """Regroup every sum tree of `graph` where that lets terms merge; return how many."""
     # `kept`: the graph's outputs, and values a nested graph (If, Loop body) reads
     kept = {id(tensor) for tensor in graph.outputs}
-    kept |= {id(tensor) for inner in graph.subgraphs(recursive=True) for node in inner.nodes
+    kept |= {id(tensor) for inner in graph_and_bodies(graph)[1:] for node in inner.nodes
              for tensor in node.inputs}
     engine.take_graph_nodes()
     roots = [node for node in graph.nodes if _is_sum(node) and not _is_inner(node, kept)]

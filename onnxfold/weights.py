@@ -17,6 +17,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import Constant, LazyValues, SparseValues
 
 from .references import RAW_TYPES, is_reference, read_reference, sample_reference
+from .scopes import graph_and_bodies
 
 
 def constant_values(tensor) -> np.ndarray:
@@ -91,7 +92,7 @@ def hold_apart_from_input(graph) -> list:
     graph-surgeon keeps the input's list of opsets in each scope, a view that keeps the
     whole parsed input in memory, weights included: each scope gets its own copy.
     """
-    for scope in [graph, *graph.subgraphs(recursive=True), *graph.functions]:
+    for scope in [*graph_and_bodies(graph), *graph.functions]:
         if scope.import_domains is not None:
             scope.import_domains = [onnx.helper.make_opsetid(opset.domain, opset.version)
                                     for opset in scope.import_domains]
@@ -101,7 +102,7 @@ def hold_apart_from_input(graph) -> list:
 def constants_of(graph) -> list:
     """Every constant of the graph, of its subgraphs and of its nodes' attributes."""
     found = []
-    for scope in [graph, *graph.subgraphs(recursive=True)]:
+    for scope in graph_and_bodies(graph):
         found += [t for t in scope.tensors().values() if isinstance(t, Constant)]
         attributes = [value for node in scope.nodes for value in node.attrs.values()]
         found += [value for value in attributes if isinstance(value, Constant)]
