@@ -148,8 +148,20 @@ def without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         if payload_bytes(weight) <= INLINE_LIMIT and not is_reference(weight):
             graph.initializer.append(weight)
         elif weight.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
+            _add_typed_input(graph, weight)
     return skeleton
+
+
+def _add_typed_input(graph: onnx.GraphProto, weight: onnx.TensorProto) -> None:
+    """A graph input of the weight's name, element type and shape (what
+    onnx.helper.make_tensor_value_info writes, without its checks and copies)."""
+    info = graph.input.add()
+    info.name = weight.name
+    kind = info.type.tensor_type
+    kind.elem_type = weight.data_type
+    kind.shape.SetInParent()  # a scalar's shape is there, with no dims
+    for size in weight.dims:
+        kind.shape.dim.add().dim_value = size
 
 
 def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, size_threshold=1024) -> None:

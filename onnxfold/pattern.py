@@ -21,9 +21,19 @@ class Match:
 
 def matches_at(rule: Rule, node):
     """Every way `rule`'s pattern matches with its root line at `node` (operand orders)."""
+    if not _fed_as_pattern_says(rule, node):
+        return
     producers = rule.producers
     for values, nodes in _match_line(rule.root, node, {}, {}, producers):
         yield Match(values, nodes)
+
+
+def _fed_as_pattern_says(rule: Rule, node) -> bool:
+    """A quick test that most nodes fail: for each pattern line the root reads, some
+    input of `node` comes from a node of that line's op (a match needs that, in any order)."""
+    sources = [producer(tensor) for tensor in node.inputs if is_present(tensor)]
+    return all(any(source is not None and _op_matches(op, source) for source in sources)
+               for op in rule.root_feeders)
 
 
 # Node op -> the pattern op it also matches: a two-input Sum is an Add.

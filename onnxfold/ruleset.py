@@ -77,6 +77,12 @@ class Rule:
         """Pattern value name -> the pattern line that computes it."""
         return {target: line for line in self.pattern for target in line.targets}
 
+    @cached_property
+    def root_feeders(self) -> tuple:
+        """The ops of the pattern lines whose outputs the root reads."""
+        return tuple(self.producers[arg.name].function for arg in self.root.args
+                     if isinstance(arg, Name) and arg.name in self.producers)
+
 
 def builtin_rules_dir() -> Path:
     """The shipped rules: installed as package data, or the source tree's `rules/`."""
