@@ -97,9 +97,9 @@ def node_bodies(node):
 
 
 def graph_and_bodies(graph) -> list:
-    """The graph and every graph nested in its nodes (If, Loop and Scan bodies) at any
-    depth, outermost first: graph-surgeon's `subgraphs(recursive=True)`, whose walk costs
-    as much as a clean-up, taken only where some node holds a graph."""
+    """The graph, then every graph nested in its nodes (If, Loop and Scan bodies) at any
+    depth in graph-surgeon's `subgraphs(recursive=True)` order. That walk costs as much
+    as a clean-up: it is taken only where some node holds a graph."""
     if any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
         return [graph, *graph.subgraphs(recursive=True)]
     return [graph]
