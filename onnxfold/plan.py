@@ -59,7 +59,9 @@ def plan_rewrite(rule: Rule, match: Match, own_nodes, graph_outputs) -> Plan | M
         except CannotTell as error:
             failure = (f"the arithmetic cannot be done: {error}", _compute_inputs(rule, match))
         else:
-            failure = _cast_weights(rule, match, computed) or _raises_cost(rule, match, computed)
+            # The cost guard first: it reads sizes only, and refuses what DenseNet's transitions
+            # would make of fold-avgpool-into-pointwise before megabytes are cast for nothing.
+            failure = _raises_cost(rule, match, computed) or _cast_weights(rule, match, computed)
     if failure is not None:
         reason, values = failure
         return Miss(rule.name, match.nodes[rule.root.text].name, reason, values)

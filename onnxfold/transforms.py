@@ -192,8 +192,10 @@ def ungroup(W, group):
 @transform
 def pointwise_then_avgpool(W, kernel_shape):
     """1x1 conv then AveragePool(k): a k x k conv with W/prod(k) at every tap, dilation 1."""
-    spread = np.broadcast_to(W, (*W.shape[:2], *kernel_shape)) / float(np.prod(kernel_shape))
-    return spread.copy(), [1] * len(kernel_shape)
+    # A read-only view: the k^2-times larger weight is written out only once the fold is
+    # taken (the cost guard refuses it alone, and reads sizes only).
+    spread = np.broadcast_to(W / float(np.prod(kernel_shape)), (*W.shape[:2], *kernel_shape))
+    return spread, [1] * len(kernel_shape)
 
 
 # --- parallel branches summed ----------------------------------------------------------------
