@@ -41,7 +41,14 @@ def onnxfold_patched(patch, *args):
     """onnxfold run after `patch` (Python code) has changed the package: to make it crash
     or be interrupted at a chosen point."""
     script = textwrap.dedent(patch) + "\nimport sys\nfrom onnxfold.cli import main\nsys.argv[0] = 'onnxfold'\nmain()\n"
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=_as_in_a_terminal)
+
+
+def _as_in_a_terminal():
+    """Ctrl-C delivered as to a foreground command: a shell starts a background job (and so
+    a test run started with `&`) with SIGINT ignored, which Python then keeps ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def one_error_line(result):
