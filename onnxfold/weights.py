@@ -11,6 +11,8 @@ The rest of onnxfold reads, reads in, releases and writes weights through this m
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
@@ -156,7 +158,9 @@ def tensor_proto(constant) -> onnx.TensorProto:
         proto = onnx.numpy_helper.from_array(np.asarray(constant_values(constant)))
     proto.name = constant.name
     return proto
-_SAMPLE = "_onnxfold_sample"  # (stored values, count, sample) kept on the constant
+
+
+_SAMPLE = "_onnxfold_sample"  # (weak reference to the stored values, count, sample) on the constant
 
 
 def sampled_bytes(tensor, count: int) -> bytes:
@@ -165,15 +169,18 @@ def sampled_bytes(tensor, count: int) -> bytes:
     it is still there (references.sample_reference takes the same elements).
 
     Kept on the constant while it holds the same values: reading a weight in memory copies
-    all its bytes (protobuf hands them out whole), and each clean-up pass samples again."""
+    all its bytes (protobuf hands them out whole), and each clean-up pass samples again.
+    The values are held weakly: values the constant no longer holds (a folded weight once
+    written into the output) must be freed at once, or a large model's peak memory grows
+    by its folded weights."""
     stored = tensor._values  # noqa: SLF001
     kept = tensor.__dict__.get(_SAMPLE)
-    if kept is not None and kept[0] is stored and kept[1] == count:
+    if kept is not None and kept[0]() is stored and kept[1] == count:
         return kept[2]
     if _is_in_file(tensor) and stored.tensor.data_type in RAW_TYPES:
         sample = sample_reference(stored.tensor, count)
     else:
         flat = constant_values(tensor).reshape(-1)
         sample = np.ascontiguousarray(flat[::max(1, flat.size // count)][:count]).tobytes()
-    tensor.__dict__[_SAMPLE] = (stored, count, sample)
+    tensor.__dict__[_SAMPLE] = (weakref.ref(stored), count, sample)
     return sample

@@ -108,3 +108,25 @@ def test_a_weight_sample_is_kept_while_the_weight_holds_the_same_values():
     assert sampled_bytes(weight, 8) != first
     release_values(weight)  # nothing of the old values is held once released
     assert "_onnxfold_sample" not in weight.__dict__
+
+
+def test_a_weight_sample_does_not_keep_values_the_weight_no_longer_holds():
+    # A folded weight's array is replaced by its copy in the output model at export: the
+    # sample must not keep the array alive (a large model's peak memory doubled).
+    import gc
+    import weakref
+
+    import onnx_graphsurgeon as gs
+
+    from onnxfold.weights import sampled_bytes
+
+    weight = gs.import_onnx(two_conv_bn(channels=4)).tensors()["W"]
+    folded = np.asarray(weight.values) * 2
+    weight.values = folded
+    first = sampled_bytes(weight, 8)
+    gone = weakref.ref(folded)
+    weight.values = folded.copy()
+    del folded
+    gc.collect()
+    assert gone() is None
+    assert sampled_bytes(weight, 8) == first  # the same bytes, read again from the new values
