@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import CannotTell
-from .scopes import graph_and_bodies
+from .scopes import graph_and_bodies, holds_graph
 from .weights import constant_values, set_numpy_type
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
@@ -165,7 +165,7 @@ def onnx_type(dtype) -> int:
 def holds_graphs(graph) -> bool:
     """Whether a node of `graph` holds a nested graph, or the graph has local functions:
     then graph-surgeon's own walks, which follow values into them, are used."""
-    return bool(graph.functions) or len(graph_and_bodies(graph)) > 1
+    return bool(graph.functions) or any(holds_graph(node) for node in graph.nodes)
 
 
 def drop_unused_nodes(graph):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from .scopes import holds_graph
+
 _ORIGIN = "onnxfold_origin"  # on a gs.Node a rule made: (rules, replaced node names)
 _METADATA = "onnxfold_metadata"  # on a gs.Node read from the input: its metadata_props
 
@@ -67,7 +69,7 @@ def _pairs(graph: gs.Graph, proto: onnx.GraphProto):
         raise RuntimeError(f"graph '{proto.name}' has {len(proto.node)} nodes exported of {len(graph.nodes)}")
     for node, node_proto in zip(graph.nodes, proto.node):
         yield node, node_proto
-        if not any(isinstance(value, gs.Graph) for value in node.attrs.values()):
+        if not holds_graph(node):
             continue  # reading the proto's attributes costs more than this
         for attribute in node_proto.attribute:
             if attribute.HasField("g"):

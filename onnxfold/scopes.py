@@ -96,11 +96,16 @@ def node_bodies(node):
         yield from attribute.graphs
 
 
+def holds_graph(node) -> bool:
+    """Whether a graph-surgeon node holds a nested graph (If's branches, a Loop's body)."""
+    return any(isinstance(value, gs.Graph) for value in node.attrs.values())
+
+
 def graph_and_bodies(graph) -> list:
     """The graph, then every graph nested in its nodes (If, Loop and Scan bodies) at any
     depth in graph-surgeon's `subgraphs(recursive=True)` order. That walk costs as much
     as a clean-up: it is taken only where some node holds a graph."""
-    if any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
+    if any(holds_graph(node) for node in graph.nodes):
         return [graph, *graph.subgraphs(recursive=True)]
     return [graph]
 

@@ -84,7 +84,7 @@ def release_values(constant) -> None:
     """
     stored = constant._values  # noqa: SLF001
     constant._values = np.broadcast_to(np.zeros((), stored.dtype), stored.shape)  # noqa: SLF001 - no memory
-    constant.__dict__.pop(_SAMPLE, None)  # it holds the stored values too
+    constant.__dict__.pop(_SAMPLE, None)  # a sample of values the constant no longer holds
 
 
 def hold_apart_from_input(graph) -> list:

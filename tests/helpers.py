@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -74,3 +77,12 @@ def op_counts(model):
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def bench_module(relative: str):
+    """A module of bench/ (not a package), e.g. "public/compare.py", imported from its file."""
+    path = Path(__file__).resolve().parents[1] / "bench" / relative
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

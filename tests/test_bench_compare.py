@@ -2,15 +2,11 @@
 that only puts tied rows in another order is reordered, never passed off as equal
 element by element, and a real change stays a change."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "public" / "compare.py"
-_SPEC = importlib.util.spec_from_file_location("bench_public_compare", _PATH)
-compare = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare)
+from .helpers import bench_module
+
+compare = bench_module("public/compare.py")
 
 ROWS = np.random.default_rng(0).standard_normal((1, 300, 6)).astype(np.float32) * 100
 

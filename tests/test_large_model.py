@@ -7,7 +7,12 @@ otherwise pile up in pytest's kept temporary folders).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +21,7 @@ from onnx import TensorProto, helper
 
 from onnxfold.modelio import PROTOBUF_LIMIT
 
+from .helpers import bench_module
 from .test_cli import onnxfold
 
 CHANNELS, LAYERS = 1024, 60  # 60 convs of 1024x1024x3x3 float32: 2.26 GiB of weights
@@ -98,21 +104,11 @@ def test_peak_memory_of_optimizing_stays_under_twice_the_model(tmp_path):
     bench/synth.py, in a fresh process as `make bench` measures it. Measured: 1.69x above
     the process's memory after imports; 2.30x while a weight's cached sample kept every
     folded array alive beside its copy in the output (2.16x at 478 MB)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        import synth
-    finally:
-        sys.path.remove(str(bench))
+    synth = bench_module("synth.py")
     source = tmp_path / "repvgg.onnx"
     onnx.save(synth.repvgg_train(synth.width_scale_for(60)), str(source))
-    done = subprocess.run([sys.executable, str(bench / "worker.py"), "optimize", str(source), str(tmp_path / "out.onnx")],
+    worker = Path(synth.__file__).with_name("worker.py")
+    done = subprocess.run([sys.executable, str(worker), "optimize", str(source), str(tmp_path / "out.onnx")],
                           capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["nodes_after"] < result["nodes_before"]  # the branches were folded
