@@ -132,10 +132,10 @@ def _failed_condition(rule, match):
 
 
 def _all_finite(array) -> bool:
-    """Every element is finite. A float64 sum is NaN or inf if any element is, and of
-    float16/float32 values it cannot overflow: one pass, no temporary; only a sum that
-    is not finite needs the element-wise look."""
-    return math.isfinite(array.sum(dtype=np.float64)) or bool(np.isfinite(array).all())
+    """Every element is finite. A sum is NaN or inf if any element is: one pass, no
+    temporary. Only a sum that is not finite (that, or one that overflowed) needs the
+    element-wise look."""
+    return math.isfinite(array.sum(dtype=np.promote_types(array.dtype, np.float32))) or bool(np.isfinite(array).all())
 
 
 def _cast_weights(rule, match, computed):
@@ -151,7 +151,7 @@ def _cast_weights(rule, match, computed):
         if value is None:
             continue
         with np.errstate(over="ignore", invalid="ignore"):
-            cast = np.ascontiguousarray(np.asarray(value).astype(dtype))
+            cast = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
         if cast.dtype.kind == "f" and not _all_finite(cast):
             if np.isfinite(value).all():
                 reason = f"folded weights overflow {dtype.name}: '{name}' reaches {np.abs(value).max():.4g}"

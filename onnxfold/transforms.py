@@ -2,7 +2,9 @@
 
 Nothing here knows about graphs. Every function takes arrays (a missing bias is None)
 and returns new float64 arrays; inputs are never modified. The engine casts the results
-to the model's element type once, after all arithmetic is done in float64.
+to the model's element type once, after all arithmetic is done in float64. The one
+exception, add_conv_branches, returns a sum of two stored weights in their own type,
+which is that same cast, bit for bit.
 
 Layouts (ONNX): Conv weight W[O, I/g, k...], ConvTranspose weight W[I, O/g, k...],
 Gemm/MatMul weight B[K, N] (or [N, K] with transB).
@@ -246,15 +248,31 @@ def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
     """Conv_a(x) + Conv_b(x) as one conv; the smaller kernel is embedded in the larger.
 
     Returns (W, b, pads). The caller has checked `branch_offsets` is not None.
+    The kernel is summed in the weights' stored type where both have it: each element is
+    the sum of at most two, and one addition in float16 or float32 rounds exactly as the
+    float64 sum cast once (double rounding is innocuous when 53 >= 2p + 2). A float64
+    kernel (a branch a transform made) is added in float64, over its window only.
     """
     kernels = [Wa.shape[2:], Wb.shape[2:]]
     target_kernel, target_pads = merged_geometry(kernels, [pads_a, pads_b])
-    total = np.zeros((*Wa.shape[:2], *target_kernel))
-    for W, pads in ((Wa, pads_a), (Wb, pads_b)):
-        offsets = branch_offsets(W.shape[2:], pads, target_kernel, target_pads, dilations)
-        total[_window(offsets, W.shape[2:])] += W  # in place: no full-size temporary
+    dtype = _sum_type(Wa, Wb)
+    total = np.zeros((*Wa.shape[:2], *target_kernel), dtype)
+    for W, pads in sorted(((Wa, pads_a), (Wb, pads_b)), key=lambda branch: branch[0].dtype != dtype):
+        window = _window(branch_offsets(W.shape[2:], pads, target_kernel, target_pads, dilations), W.shape[2:])
+        if W.dtype == dtype:
+            total[window] += W  # in place: no full-size temporary
+        else:
+            total[window] = total[window] + W  # in float64, rounded once on assignment
     bias = _zeros_if_none(Ba, Wa.shape[0]) + _zeros_if_none(Bb, Wb.shape[0])
     return total, bias, [int(p) for p in target_pads]
+
+
+def _sum_type(*weights):
+    """The one stored floating type among the weights (float64 ones aside), else float64."""
+    narrow = {W.dtype for W in weights if W.dtype != np.float64}
+    if len(narrow) == 1 and next(iter(narrow)) in (np.float16, np.float32):
+        return narrow.pop()
+    return np.dtype(np.float64)
 
 
 # --- sequential convs and linear chains ----------------------------------------------------

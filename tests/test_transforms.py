@@ -310,7 +310,8 @@ def _stored_type_examples(rng):
 
 def test_weights_in_their_stored_type_give_bit_identical_folds():
     """Transforms told to take weights as stored (float32, float16) compute exactly what
-    they compute from the weights converted to float64: same values, same type."""
+    they compute from the weights converted to float64, cast once to the type they return:
+    float64, or the stored type where the transform sums in it (add_conv_branches)."""
     rng = np.random.default_rng(7)
     examples = _stored_type_examples(rng)
     marked = {name for name, positions in transforms.STORED_TYPE_ARGS.items() if positions}
@@ -324,10 +325,35 @@ def test_weights_in_their_stored_type_give_bit_identical_folds():
             for got, want in zip(_as_tuple(transforms.TRANSFORMS[name](*stored)),
                                  _as_tuple(transforms.TRANSFORMS[name](*widened))):
                 if isinstance(want, np.ndarray):
-                    assert got.dtype == want.dtype == np.float64, (name, stored_type)
-                    assert got.tobytes() == want.tobytes(), (name, stored_type)
+                    assert want.dtype == np.float64 and got.dtype in (np.float64, stored_type), (name, stored_type)
+                    assert got.tobytes() == want.astype(got.dtype).tobytes(), (name, stored_type)
                 else:
                     assert got == want, (name, stored_type)
+
+
+@pytest.mark.parametrize("stored_type", [np.float32, np.float16])
+def test_branches_summed_in_their_stored_type_round_as_one_cast_of_the_float64_sum(stored_type):
+    """Two stored kernels are summed in their own type, a float64 one over its window in
+    float64: every element equals the float64 sum cast once, bit for bit. The values span
+    the type's whole range (sums whose exact value float64 itself rounds, halfway cases,
+    -0.0 + -0.0) so that any other rounding shows."""
+    rng = np.random.default_rng(11)
+    info = np.finfo(stored_type)
+    exponents = rng.integers(int(np.log2(info.tiny)), int(np.log2(info.max)) - 1, size=(2, 64, 8, 3, 3))
+    values = (rng.choice([-1.0, 1.0], size=exponents.shape) * rng.uniform(1, 2, size=exponents.shape)
+              * np.exp2(exponents.astype(np.float64))).astype(stored_type)
+    values[:, :4] = -0.0
+    values[1, 4:8] = -values[0, 4:8]  # sums that cancel to +0.0
+    Wa, Wb = values[0], values[1, :, :, 1:2, 1:2].copy()
+    diagonal = transforms.bn_branch(Wa, *bn_params(rng, 64).values(), 1e-5)[0]
+    for second in (Wb, diagonal):
+        for order in ((Wa, [1] * 4, second, [0] * 4), (second, [0] * 4, Wa, [1] * 4)):
+            got = transforms.add_conv_branches(order[0], None, order[1], order[2], None, order[3], [1, 1])[0]
+            widened = [w.astype(np.float64) for w in (order[0], order[2])]
+            want = transforms.add_conv_branches(widened[0], None, order[1], widened[1], None, order[3], [1, 1])[0]
+            assert got.dtype == stored_type and want.dtype == np.float64
+            with np.errstate(over="ignore"):
+                assert got.tobytes() == want.astype(stored_type).tobytes()
 
 
 def _as_tuple(result):
