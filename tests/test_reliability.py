@@ -155,6 +155,38 @@ def test_float16_model_folds_within_float16_rounding():
     assert_same_function(model, optimized)
 
 
+REPVGG_BLOCK_FP16 = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float16[1,8,6,6] x, float16[8,8,3,3] W3, float16[8] B3, float16[8,8,1,1] W1, float16[8] B1,
+   float16[8] gamma, float16[8] beta, float16[8] mean, float16[8] var) => (float16[1,8,6,6] y) {
+  a = Conv<pads=[1,1,1,1]>(x, W3, B3)
+  b = Conv(x, W1, B1)
+  n = BatchNormalization(x, gamma, beta, mean, var)
+  s = Add(a, b)
+  y = Add(s, n)
+}
+"""
+
+
+def test_float16_repvgg_block_merges_into_one_cast_of_the_float64_kernel():
+    """3x3 + 1x1 + identity BN in float16, merged in two folds: the kernel written is the
+    float64 sum rounded once per fold, as the transforms promise, and the function holds."""
+    model = model_from_text(REPVGG_BLOCK_FP16)
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    first = weights["W3"].copy()
+    first[:, :, 1, 1] += weights["W1"][:, :, 0, 0]
+    scale = weights["gamma"] / np.sqrt(weights["var"] + float(np.float32(1e-5)))  # the attribute is a float32
+    want = first.astype(np.float16).astype(np.float64)  # the first fold's result, stored
+    want[np.arange(8), np.arange(8), 1, 1] += scale.astype(np.float64)
+    conv = optimized.graph.node[0]
+    kernel = numpy_helper.to_array(next(t for t in optimized.graph.initializer if t.name == conv.input[1]))
+    assert kernel.dtype == np.float16
+    assert kernel.tobytes() == want.astype(np.float16).tobytes()
+    assert_same_function(model, optimized)
+
+
 def test_external_data_is_kept_when_the_input_had_it(tmp_path):
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     wide = CONV_BN.replace("float[6", "float[64").replace("float[1,6,8,8] y", "float[1,64,8,8] y")
