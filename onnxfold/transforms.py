@@ -257,6 +257,7 @@ def add_conv_branches(Wa, Ba, pads_a, Wb, Bb, pads_b, dilations):
     target_kernel, target_pads = merged_geometry(kernels, [pads_a, pads_b])
     dtype = _sum_type(Wa, Wb)
     total = np.zeros((*Wa.shape[:2], *target_kernel), dtype)
+    # The stored-type kernel first: the float64 one is then added to its values, exactly.
     for W, pads in sorted(((Wa, pads_a), (Wb, pads_b)), key=lambda branch: branch[0].dtype != dtype):
         window = _window(branch_offsets(W.shape[2:], pads, target_kernel, target_pads, dilations), W.shape[2:])
         if W.dtype == dtype:
