@@ -224,9 +224,30 @@ def _slice(node, dims, scalar):
     starts, ends, axes, steps = params
     steps = steps or [1]
     if starts is None or ends is None or len(starts) != 1 or len(ends) != 1 or \
-            axes not in (None, [0], [-1]) or steps[0] == 0:
+            axes not in (None, [0], [-1]) or steps[0] == 0 or not dims:
         return None
-    return dims[slice(starts[0], ends[0], steps[0])], False
+    if steps[0] < 0 and ends[0] in _SLICE_TO_THE_END:
+        return None  # to the front in onnxruntime, nothing in the ONNX spec: no fold can be right for both
+    return [dims[i] for i in slice_positions(len(dims), starts[0], ends[0], steps[0])], False
+
+
+_SLICE_TO_THE_END = (2**31 - 1, 2**63 - 1)  # an end onnxruntime reads as "to the end", in the step's direction
+
+
+def slice_positions(length, start, end, step) -> range:
+    """The positions Slice takes along an axis of `length`, clamped as onnxruntime clamps them.
+
+    Not Python's slice(): for a negative step, a start below -length is clamped to 0 (one
+    element), where Python takes none; and an end of INT_MAX is "to the end".
+    """
+    start += length if start < 0 else 0
+    start = min(max(start, 0), length - 1 if step < 0 else length)
+    if end in _SLICE_TO_THE_END:
+        end = -1 if step < 0 else length
+    else:
+        end += length if end < 0 else 0
+        end = min(max(end, -1 if step < 0 else 0), length)
+    return range(start, end, step)
 
 
 _UNKNOWN = "unknown"  # a parameter that is given but not a small integer constant

@@ -3,15 +3,18 @@ folded by onnxruntime; sizes bounded, random and dynamic values left computed.""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold import optimize
+from onnxfold.constfold import slice_positions
 
 from .helpers import assert_same_function, model_from_text, op_counts, run
 
@@ -291,6 +294,43 @@ def test_shape_of_unknown_rank_and_slices_with_omitted_or_computed_parameters():
         feeds = {"x": np.ones(4, np.float32), "target": np.int64(target), "z": np.zeros((2, 3), np.float32),
                  "step": np.int64(step)}
         np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
+
+
+def test_slice_positions_are_those_onnxruntime_takes():
+    """Every start, end and step around the edges (below -length, past length, INT_MAX and
+    INT_MIN of both widths), on vectors of 1 to 4 elements: the positions constfold reads
+    for a Slice of dims are exactly those onnxruntime's Slice returns."""
+    nodes = [helper.make_node("Slice", ["data", "start", "end", "axes", "step"], ["y"])]
+    inputs = [helper.make_tensor_value_info(name, I64, shape)
+              for name, shape in (("data", ["n"]), ("start", [1]), ("end", [1]), ("step", [1]))]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", I64, ["m"])],
+                   [numpy_helper.from_array(np.int64([0]), "axes")])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    edges = [*range(-6, 7), 2**31 - 1, 2**63 - 1, -2**31, -2**63]
+    for length in range(1, 5):
+        data = np.arange(length, dtype=np.int64) + 10
+        for start, end, step in itertools.product(edges, edges, (-3, -2, -1, 1, 2, 3)):
+            feeds = {"data": data, "start": np.int64([start]), "end": np.int64([end]), "step": np.int64([step])}
+            taken = (session.run(None, feeds)[0] - 10).tolist()
+            assert list(slice_positions(length, start, end, step)) == taken, (length, start, end, step)
+
+
+def test_a_slice_of_dims_with_a_negative_step_picks_as_onnxruntime_does():
+    """Slice(Shape(x), -10, -20, step -1) of a rank-4 x is [N]: the start is clamped to 0
+    (Python's slice() takes nothing there, and the dynamic N was folded away as []). An end
+    of INT64_MAX with a negative step is the front for onnxruntime and nothing for the ONNX
+    spec: that Slice is left computed."""
+    for start, end, kept in ((-10, -20, {"Slice"}), (0, 2**63 - 1, {"Slice"})):
+        nodes = [helper.make_node("Shape", ["x"], ["s"]),
+                 helper.make_node("Slice", ["s", "start", "end", "axes", "step"], ["picked"]),
+                 helper.make_node("Concat", ["picked", "seven"], ["y"], axis=0)]
+        weights = [numpy_helper.from_array(np.int64(v), name) for v, name in
+                   (([start], "start"), ([end], "end"), ([0], "axes"), ([-1], "step"), ([7], "seven"))]
+        model = _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 3, 5, 7])],
+                       [helper.make_tensor_value_info("y", I64, ["k"])], weights)
+        optimized, _ = optimize(model)
+        assert kept <= set(op_counts(optimized)), (start, end)
+        _same_at(model, optimized, [(2, 3, 5, 7), (6, 3, 5, 7)])
 
 
 def _batch_reshape(rest, dims=("batch", 4, 6)):
