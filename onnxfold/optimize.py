@@ -6,6 +6,7 @@ import time
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .cleanups import LATE, NAMES as CLEANUP_NAMES, select_cleanups
 from .constfold import fold_warnings
@@ -46,7 +47,8 @@ def optimize(model, *, only=None, skip=None, rule_dirs=(), rules=None, freeze_we
     cleanups = select_cleanups(only, skip) if cleanups is None else cleanups
     passes = select_passes(only, skip) if passes is None else passes
     try:
-        return _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, provenance)
+        with G_LOGGER.suppress():  # graph-surgeon's log lines ([W] ...) are not the user's to read
+            return _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, provenance)
     except (OnnxfoldError, MemoryError):
         raise
     except Exception as error:

@@ -159,13 +159,20 @@ def _rebuild(graph, engine, nodes, terms, pairs) -> None:
     engine.own_nodes.update(added)
 
 
+# The types Sum takes that onnxruntime's CPU provider runs it in (not bfloat16, no integers).
+_SUM_TYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
+
 def unstack_sums(graph: gs.Graph) -> int:
     """`torch.stack(terms).sum(0)` as exported, ReduceSum(Concat(Unsqueeze(t) ...), axis a)
     without kept dims, is Sum(terms): Concat needs every stacked term to have one shape, so
-    no broadcast is involved; only the order of the additions may differ (rounding)."""
+    no broadcast is involved; only the order of the additions may differ (rounding).
+    ReduceSum also sums integers, Sum does not: those stay."""
     count = 0
     for node in graph.nodes:
-        terms = _stacked_terms(node) if node.op == "ReduceSum" and is_standard(node) else None
+        dtype = node.outputs[0].dtype if node.outputs else None
+        summable = dtype is not None and np.dtype(dtype) in _SUM_TYPES
+        terms = _stacked_terms(node) if node.op == "ReduceSum" and is_standard(node) and summable else None
         if terms is not None:
             node.op, node.attrs = "Sum", {}
             node.inputs.clear()

@@ -193,6 +193,21 @@ def test_a_stack_summed_otherwise_stays(out, keep, axis):
     assert counts["ReduceSum"] == 1 and counts["Conv"] == 3
 
 
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_a_stack_of_values_sum_does_not_take_stays_a_reduce_sum(dtype):
+    """Sum runs on float16, float and double only (and bfloat16, not on onnxruntime's CPU):
+    an integer stack-sum became a Sum onnxruntime rejects."""
+    counts, _ = _optimized(f"""
+g ({dtype}[2,3] a, {dtype}[2,3] b) => ({dtype}[2,3] y) {{
+  zero = Constant<value = int64[1] {{0}}>()
+  sa = Unsqueeze(a, zero)
+  sb = Unsqueeze(b, zero)
+  s = Concat<axis=0>(sa, sb)
+  y = ReduceSum<keepdims=0>(s, zero)
+}}""", data=["a", "b"])
+    assert counts["ReduceSum"] == 1 and "Sum" not in counts
+
+
 def test_a_sum_begun_outside_an_if_branch_is_left_to_its_own_graph():
     # s = Relu(x) + k1 outside, y = s + k2 inside the then-branch: the branch may not
     # regroup (and so rewire) the enclosing graph's Add
