@@ -164,10 +164,18 @@ def _gelu_nodes(kernel, outputs):
     return None, None, False
 
 
+def _broadcast_free(nodes, x) -> bool:
+    """The subgraph's constants add no axis to x: those of shape [1] turn a rank-0 x (or
+    one of unknown rank) into [1], which Gelu(x) or the rank-0 constants written would not."""
+    if x.shape is not None and len(x.shape) >= 1:
+        return True
+    return all(len(t.shape) == 0 for node in nodes for t in node.inputs if is_constant(t))
+
+
 def _gelu(graph, kernel, outputs, names) -> int:
     """Rewrite the GELU around `kernel` (its Erf, or its Tanh from opset 20); 1 if done."""
     nodes, x, fused_form = _gelu_nodes(kernel, outputs)
-    if nodes is None:
+    if nodes is None or not _broadcast_free(nodes, x):
         return 0
     if graph.opset < 20 and fused_form and nodes[-1].op == "Div":
         return 0  # onnxruntime fuses it already

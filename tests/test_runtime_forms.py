@@ -80,6 +80,27 @@ def test_gelu_lookalikes_stay(change):
     assert_same_function(model, optimized)
 
 
+@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("constants, rewritten", [("float[1]", False), ("float", True)])
+def test_gelu_whose_constants_broadcast_a_scalar_keeps_the_broadcast(opset, constants, rewritten):
+    """A rank-0 x times constants of shape [1] is [1]: Gelu(x), or the form with rank-0
+    constants, would be rank 0. With rank-0 constants there is no broadcast to keep."""
+    out = "float[1]" if constants == "float[1]" else "float"
+    model = model_from_text(f"""
+<ir_version: 9, opset_import: ["" : {opset}]>
+g (float x) => ({out} y) <{constants} r = {{0.70710677}}, {constants} one = {{1.0}}, {constants} k = {{0.5}}> {{
+  d = Mul(x, r)
+  e = Erf(d)
+  a = Add(e, one)
+  h = Mul(k, a)
+  y = Mul(x, h)
+}}
+""")
+    optimized, report = optimize(model)
+    assert report.normalized["gelu"] == int(rewritten)
+    assert_same_function(model, optimized)
+
+
 def _head(reduce, consumer="y = Flatten(m)", shape="float[2,8,5,5]", out="float[2,8]", opset=18):
     return model_from_text(f"""
 <ir_version: 8, opset_import: ["" : {opset}]>
