@@ -170,9 +170,8 @@ def unstack_sums(graph: gs.Graph) -> int:
     ReduceSum also sums integers, Sum does not: those stay."""
     count = 0
     for node in graph.nodes:
-        dtype = node.outputs[0].dtype if node.outputs else None
-        summable = dtype is not None and np.dtype(dtype) in _SUM_TYPES
-        terms = _stacked_terms(node) if node.op == "ReduceSum" and is_standard(node) and summable else None
+        reduces = node.op == "ReduceSum" and is_standard(node) and node.outputs[0].dtype is not None
+        terms = _stacked_terms(node) if reduces and np.dtype(node.outputs[0].dtype) in _SUM_TYPES else None
         if terms is not None:
             node.op, node.attrs = "Sum", {}
             node.inputs.clear()
