@@ -22,7 +22,7 @@ from .provenance import remember_metadata, write_metadata
 from .report import Report, model_stats, unexplained_leftovers
 from .ruleset import load_rules
 from .scopes import graph_and_bodies, graphs, without_shadowed_names
-from .shapes import apply_inferred_shapes, refine_shapes
+from .shapes import apply_inferred_shapes, refine_shapes, restore_declared
 from .sums import REGROUP_SUMS, regroup_sums
 from .weights import constants_of, hold_apart_from_input, release_all
 
@@ -74,7 +74,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
     remember_metadata(graph, model)
     imported = hold_apart_from_input(graph)  # released at the end, even once folded away
     use_numpy_types(graph)
-    apply_inferred_shapes(graph, model)
+    body_inputs = apply_inferred_shapes(graph, model)
     sort_nodes(graph)
     # The main graph first, then If/Loop/Scan bodies; one name source for all scopes.
     scopes = graph_and_bodies(graph)
@@ -90,6 +90,7 @@ def _optimize(model, rules, freeze_weight_inputs, started, cleanups, passes, pro
     rewrites = [r for e in engines for r in e.rewrites]
     misses = [m for g, e in zip(scopes, engines)
               for m in e.remaining_misses() + unexplained_leftovers(g, e.misses)]
+    restore_declared(body_inputs)
     optimized = export_model(graph, model)
     _check_output(source, optimized)
     write_metadata(graph, optimized, provenance)  # which neither the checker nor onnxruntime reads

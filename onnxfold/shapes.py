@@ -20,22 +20,33 @@ from .references import INLINE_LIMIT
 from .scopes import graph_and_bodies, graphs
 
 
-def apply_inferred_shapes(graph, model) -> None:
+def apply_inferred_shapes(graph, model) -> list:
     """Give every computed value, in every scope, the type and shape ONNX inference finds.
 
     The file's own annotations (value_info, declared output shapes) are not trusted: a
-    stale one would let a clean-up remove a Reshape that does change the shape. Graph
-    inputs keep their declared shapes, a negative size read as dynamic (is_static).
+    stale one would let a clean-up remove a Reshape that does change the shape. The main
+    graph's inputs keep their declared shapes, a negative size read as dynamic (is_static);
+    a Loop or Scan body's inputs have none while onnxfold reasons (see _forget_sizes).
+    Returns [(body input, its declared shape)], for restore_declared to write back.
     """
     inferred = _inferred_types(model)
     scopes = graph_and_bodies(graph)
     declared = {id(t) for scope in scopes for t in scope.inputs}
+    body_inputs = [(tensor, tensor.shape) for body in scopes[1:] for tensor in body.inputs]
     for scope in scopes:
         for tensor in scope.inputs:
-            tensor.shape = without_negative_dims(tensor.shape)
+            tensor.shape = without_negative_dims(tensor.shape) if scope is graph else None
         for tensor in scope.tensors().values():
             if not isinstance(tensor, gs.Constant) and id(tensor) not in declared:
                 _set_type(tensor, inferred.get(tensor.name))
+    return body_inputs
+
+
+def restore_declared(body_inputs) -> None:
+    """Give body inputs back the shapes they declared, to be written as they were:
+    onnxruntime wants a Loop body's iteration count and condition shaped."""
+    for tensor, shape in body_inputs:
+        tensor.shape = shape
 
 
 def _inferred_types(model) -> dict:
@@ -45,7 +56,7 @@ def _inferred_types(model) -> dict:
     for scope in graphs(skeleton):
         del scope.value_info[:]
         for info in scope.input:
-            _forget_sizes(info, keep_static=True)
+            _forget_sizes(info, keep_static=scope is skeleton.graph)
         for info in scope.output:
             _forget_sizes(info, keep_static=False)
     inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
@@ -58,7 +69,11 @@ def _inferred_types(model) -> dict:
 
 
 def _forget_sizes(info, keep_static) -> None:
-    """Drop a declared tensor shape (an output's), or just its negative sizes (an input's)."""
+    """Drop a declared tensor shape, or just its negative sizes (a main graph input's).
+
+    onnxruntime holds the main graph's inputs to their declared static sizes, not a Loop or
+    Scan body's: a loop-carried value may grow each iteration past the shape its body
+    input declares, so a body input's shape is never trusted."""
     kind = info.type.tensor_type if info.type.HasField("tensor_type") else None
     if kind is None or not kind.HasField("shape"):
         return

@@ -226,6 +226,30 @@ def test_constants_of_the_outer_scope_fold_inside_a_branch():
         np.testing.assert_array_equal(run(optimized, feeds)["y"], run(model, feeds)["y"])
 
 
+def test_a_loop_carried_value_is_not_held_to_the_shape_its_body_input_declares():
+    """The body declares v as float[1], but Concat(v, v) doubles it each iteration and
+    onnxruntime runs it (it holds only the main graph's inputs to their shapes): Shape(v)
+    is [1], [2], [4], never a constant. The body's inputs are written as declared."""
+    body = helper.make_graph(
+        [helper.make_node("Concat", ["v", "v"], ["v2"], axis=0), helper.make_node("Shape", ["v"], ["sh"]),
+         helper.make_node("Cast", ["sh"], ["shf"], to=F), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v", F, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v2", F, ["k"]),
+         helper.make_tensor_value_info("shf", F, [1])])
+    model = _model([helper.make_node("Loop", ["trip", "", "x"], ["y", "sizes"], body=body)],
+                   [helper.make_tensor_value_info("x", F, [1])],
+                   [helper.make_tensor_value_info("y", F, ["n"]), helper.make_tensor_value_info("sizes", F, ["a", "b"])],
+                   [numpy_helper.from_array(np.int64(3), "trip")])
+    optimized, _ = optimize(model)
+    written = next(a.g for n in optimized.graph.node for a in n.attribute if a.name == "body")
+    assert "Shape" in [n.op_type for n in written.node]
+    assert [str(i.type) for i in written.input] == [str(i.type) for i in body.input]
+    feeds = {"x": np.ones(1, np.float32)}
+    np.testing.assert_array_equal(run(model, feeds)["sizes"].reshape(-1), [1, 2, 4])
+    np.testing.assert_array_equal(run(optimized, feeds)["sizes"], run(model, feeds)["sizes"])
+
+
 def test_a_graph_output_computed_from_constants_stays_a_node():
     nodes = [helper.make_node("Mul", ["a", "a"], ["y"]), helper.make_node("Relu", ["x"], ["z"])]
     model = _model(nodes, [helper.make_tensor_value_info("x", F, [2])],
