@@ -16,7 +16,9 @@ import onnx_graphsurgeon as gs
 
 def without_shadowed_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model itself when no subgraph redefines an enclosing graph's name; else a copy
-    in which every such inner name is renamed apart."""
+    in which every such inner name is renamed apart, as onnxruntime reads them: the inner
+    definition wins, except a branch's weight whose name a sibling branch reads from the
+    enclosing graph (_drop_overridden_weights)."""
     if not any(_clashes(graph, outer) for graph, outer in _scopes(model.graph)):
         return model
     copy = onnx.ModelProto()
@@ -37,6 +39,7 @@ def _scopes(graph, outer=frozenset()):
 
 
 def _unshadow(graph, outer: set, taken: set) -> None:
+    _drop_overridden_weights(graph, outer)
     renames = {}
     for name in sorted(_clashes(graph, outer)):
         renames[name] = _fresh(name, taken)
@@ -46,6 +49,34 @@ def _unshadow(graph, outer: set, taken: set) -> None:
     inner = outer | defined_names(graph)
     for body in _bodies(graph):
         _unshadow(body, inner, taken)
+
+
+def _drop_overridden_weights(graph, outer: set) -> None:
+    """onnxruntime feeds a node's bodies every enclosing value any of them reads, and a
+    value fed in overrides a body's weight of the same name: if one If branch reads the
+    outer W and the other holds its own W, both read the outer one. That weight is dead:
+    dropped, so its readers read the outer value, as onnxruntime runs them."""
+    for node in graph.node:
+        bodies = list(node_bodies(node))
+        read = [_free_names(body) & (outer | defined_names(graph)) for body in bodies]
+        for index, body in enumerate(bodies):
+            fed = set().union(*read[:index], *read[index + 1:])
+            _remove_weights(body, fed & {t.name for t in body.initializer})
+
+
+def _free_names(graph) -> set:
+    """The names a graph (or a graph nested in it) reads from the graphs enclosing it."""
+    read = {name for node in graph.node for name in node.input if name}
+    read |= {info.name for info in graph.output}
+    for body in _bodies(graph):
+        read |= _free_names(body)
+    return read - defined_names(graph)
+
+
+def _remove_weights(graph, names) -> None:
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in names:
+            del graph.initializer[index]
 
 
 def _rename_definitions(graph, renames) -> None:

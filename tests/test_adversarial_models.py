@@ -323,6 +323,26 @@ def test_a_body_weight_that_shadows_an_outer_one_is_the_one_folded():
         assert_same_function(model, optimized, feeds=feeds)
 
 
+def test_a_branch_weight_is_overridden_where_a_sibling_branch_reads_the_outer_name():
+    """The then-branch holds its own W1, the else-branch reads the outer W1: onnxruntime
+    feeds the If the outer W1 and that overrides the branch's weight, so both branches
+    read the outer one (onnx.reference agrees). Renaming the branch's W1 apart made the
+    then-branch read 100x the values."""
+    then = helper.make_graph([helper.make_node("Add", ["x", "W1"], ["o"])], "then", [], [vi("o", F, [4])],
+                             [nh.from_array(np.float32([100, 200, 300, 400]), "W1")])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "W1"], ["o2"])], "else", [], [vi("o2", F, [4])])
+    model = _model([helper.make_node("If", ["cond"], ["r"], then_branch=then, else_branch=other),
+                    helper.make_node("Mul", ["r", "W1"], ["y"])],
+                   [vi("x", F, [4]), vi("cond", TensorProto.BOOL, [])], [vi("y", F, [4])],
+                   [nh.from_array(np.float32([1, 2, 3, 4]), "W1")])
+    optimized, _ = optimize(model)
+    _valid(optimized)
+    for cond in (True, False):
+        feeds = {"x": np.zeros(4, np.float32), "cond": np.array(cond)}
+        np.testing.assert_array_equal(run(model, feeds)["y"], [1, 4, 9, 16] if cond else [-1, -4, -9, -16])
+        assert_same_function(model, optimized, feeds=feeds)
+
+
 def test_a_loop_body_input_that_shadows_an_outer_value_keeps_its_meaning():
     """The body's input `s` is its loop-carried state, not the outer `s` of the same name."""
     body = helper.make_graph([helper.make_node("Identity", ["keep"], ["keep_out"]),
