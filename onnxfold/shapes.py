@@ -59,6 +59,7 @@ def _inferred_types(model) -> dict:
             _forget_sizes(info, keep_static=scope is skeleton.graph)
         for info in scope.output:
             _forget_sizes(info, keep_static=False)
+    _hide_sizes_inference_gets_wrong(skeleton)
     inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     types, ambiguous = {}, set()
     for scope in graphs(inferred):
@@ -66,6 +67,39 @@ def _inferred_types(model) -> dict:
             if types.setdefault(info.name, info.type) != info.type:
                 ambiguous.add(info.name)
     return {name: kind for name, kind in types.items() if name not in ambiguous}
+
+
+_POOLS = {"MaxPool", "AveragePool", "LpPool"}
+
+
+def _hide_sizes_inference_gets_wrong(skeleton) -> None:
+    """Where ONNX inference and onnxruntime disagree on a node's output sizes, inference is
+    made to know its rank only, and so everything computed from it.
+
+    A pool with ceil_mode=1: onnxruntime (as PyTorch) drops a last window that would start
+    in the end padding, which ONNX inference counts (5 wide, kernel 2, stride 2, pads 1:
+    3 against 4). The output is read through a Reshape to a shape no one knows."""
+    for graph in graphs(skeleton):
+        nodes = []
+        for node in graph.node:
+            nodes.append(node)
+            if node.domain in ("", "ai.onnx") and node.op_type in _POOLS and _attribute(node, "ceil_mode") == 1:
+                rank = 2 + len(_attribute(node, "kernel_shape") or [])
+                unknown = f"__onnxfold_unknown_shape_{rank}"
+                if unknown not in {info.name for info in skeleton.graph.input}:
+                    skeleton.graph.input.append(onnx.helper.make_tensor_value_info(unknown, onnx.TensorProto.INT64, [rank]))
+                pooled = node.output[0]
+                node.output[0] = f"{pooled}__onnxfold_as_inferred"
+                nodes.append(onnx.helper.make_node("Reshape", [node.output[0], unknown], [pooled]))
+        if len(nodes) > len(graph.node):
+            copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+            del graph.node[:]
+            graph.node.extend(copies)
+
+
+def _attribute(node, name):
+    found = [a for a in node.attribute if a.name == name]
+    return onnx.helper.get_attribute_value(found[0]) if found else None
 
 
 def _forget_sizes(info, keep_static) -> None:

@@ -250,6 +250,30 @@ def test_a_loop_carried_value_is_not_held_to_the_shape_its_body_input_declares()
     np.testing.assert_array_equal(run(optimized, feeds)["sizes"], run(model, feeds)["sizes"])
 
 
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_a_ceil_mode_pool_whose_sizes_inference_gets_wrong_is_not_folded(pool):
+    """5 wide, kernel 2, stride 2, pads 1, ceil_mode: onnxruntime drops the window that
+    would start in the end padding (3 wide), ONNX inference does not (4). Neither the
+    pool's Shape nor a Reshape target computed from it may fold to inference's sizes."""
+    model = model_from_text(f"""
+<ir_version: 8, opset_import: ["" : 19]>
+g (float[1,2,5,5] x) => (float[?] sizes, float[?,?] y) {{
+  p = {pool}<kernel_shape=[2,2], strides=[2,2], pads=[1,1,1,1], ceil_mode=1>(x)
+  s = Shape(p)
+  sizes = Cast<to=1>(s)
+  i0 = Constant<value=int64[1] {{0}}>()
+  i1 = Constant<value=int64[1] {{-1}}>()
+  n = Gather(s, i0)
+  t = Concat<axis=0>(n, i1)
+  y = Reshape(p, t)
+}}
+""")
+    optimized, _ = optimize(model)
+    feeds = {"x": np.random.default_rng(0).normal(size=(1, 2, 5, 5)).astype(np.float32)}
+    np.testing.assert_array_equal(run(model, feeds)["sizes"], [1, 2, 3, 3])
+    assert_same_function(model, optimized, feeds=feeds)
+
+
 def test_a_graph_output_computed_from_constants_stays_a_node():
     nodes = [helper.make_node("Mul", ["a", "a"], ["y"]), helper.make_node("Relu", ["x"], ["z"])]
     model = _model(nodes, [helper.make_tensor_value_info("x", F, [2])],
