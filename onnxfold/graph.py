@@ -53,7 +53,8 @@ def use_numpy_types(graph) -> None:
     installs, has them all. Their dtype kind tells the engine whether it may fold them.
     """
     for scope in graph_and_bodies(graph):
-        for tensor in scope.tensors().values():
+        held = [value for node in scope.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
+        for tensor in [*scope.tensors().values(), *held]:  # held: a Constant node's value
             if not isinstance(tensor.dtype, int):
                 continue
             numpy_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)

@@ -153,6 +153,22 @@ def test_bfloat16_conv_bn_is_left_alone_not_an_internal_error(tmp_path, capfd):
     assert "[W]" not in printed.out + printed.err and "colored" not in printed.out + printed.err
 
 
+@pytest.mark.parametrize("kind, numpy_type", [("BFLOAT16", ml_dtypes.bfloat16),
+                                              ("FLOAT8E4M3FN", ml_dtypes.float8_e4m3fn)])
+def test_a_constant_node_of_a_type_numpy_lacks_is_read_not_an_internal_error(tmp_path, kind, numpy_type):
+    """A Constant node (not an initializer) holding bfloat16 or float8 values: releasing
+    it at the end read ONNX's type number as a numpy type, exit 3."""
+    raw = np.float32([1, 2, 3, 4]).astype(numpy_type).tobytes()
+    constant = helper.make_tensor("w", getattr(TensorProto, kind), [4], raw, raw=True)
+    model = _model([helper.make_node("Constant", [], ["w"], value=constant),
+                    helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+                    helper.make_node("Add", ["x", "wf"], ["y"])],
+                   [value("x", TensorProto.FLOAT, [4])], [value("y", TensorProto.FLOAT, [4])], opset=21, ir=10)
+    result, target = _optimize(tmp_path, model)
+    assert result.status == OK, result.error
+    assert_same_function(model, onnx.load(target), feeds={"x": np.float32([0.5, -1, 2, 0])})
+
+
 @pytest.mark.parametrize("kind", ["FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
                                   "INT4", "UINT4"])
 def test_quantized_weights_of_types_numpy_lacks_keep_the_function(tmp_path, kind):
