@@ -267,6 +267,8 @@ def _stored_split_sizes(node, opset):
     split = node.inputs[1]
     if not is_constant(split) or constant_values(split).ndim != 1:
         return None  # a scalar chunk size needs the input's shape to count the pieces
+    if constant_values(split).dtype != np.int64:
+        return None  # SplitToSequence takes int32 sizes too, Split int64 only
     return constant_values(split).tolist()
 
 
