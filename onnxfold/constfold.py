@@ -331,9 +331,14 @@ def is_random(node) -> bool:
     return node.op in _RANDOM
 
 
+# A quantized weight's DequantizeLinear is the form runtimes fuse into QLinearConv and
+# MatMulInteger; folded, the weight would be stored in float, four times the bytes.
+_KEPT_FOR_RUNTIMES = {"DequantizeLinear"}
+
+
 def _may_fold(node) -> bool:
     return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and not is_random(node) and \
-        is_standard(node) and next(node.subgraphs(), None) is None
+        node.op not in _KEPT_FOR_RUNTIMES and is_standard(node) and next(node.subgraphs(), None) is None
 
 
 def _frontier(graph, nodes) -> list:

@@ -147,6 +147,27 @@ def test_quantized_graph_passes_through_unchanged():
     assert_same_function(model, optimized)
 
 
+def test_qdq_weights_stay_quantized():
+    """A QDQ model's weight is int8 behind a DequantizeLinear, the form onnxruntime fuses
+    into QLinearConv: constant folding wrote it as a float weight, four times the bytes."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z"),
+               numpy_helper.from_array(rng.integers(-127, 127, (6, 4, 3, 3), dtype=np.int8), "wq"),
+               numpy_helper.from_array(np.float32(0.01), "ws")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "z"], ["w"]),
+             helper.make_node("Conv", ["xd", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == op_counts(model)
+    kept = {t.name: t.data_type for t in optimized.graph.initializer}
+    assert kept["wq"] == TensorProto.INT8
+    assert_same_function(model, optimized)
+
+
 def test_float16_model_folds_within_float16_rounding():
     model = model_from_text(CONV_BN.replace("float[", "float16["))
     optimized, _ = optimize(model)
