@@ -11,10 +11,12 @@ from .errors import OnnxfoldError
 from .modelio import open_model
 
 PARITY_OPTIONS = [
-    click.option("--rtol", type=float, help="Relative tolerance (default by output dtype)."),
-    click.option("--atol", type=float, help="Absolute tolerance (default by output dtype)."),
+    click.option("--rtol", type=float, help="Relative tolerance of float outputs (default by output dtype; "
+                                            "integer and bool outputs stay exact)."),
+    click.option("--atol", type=float, help="Absolute tolerance of float outputs (default by output dtype; "
+                                            "integer and bool outputs stay exact)."),
     click.option("--output-tol", multiple=True, metavar="NAME:RTOL[:ATOL]",
-                 help="Tolerance for one output; repeatable. Read from the right, so NAME may hold "
+                 help="Tolerance for one output, of any dtype; repeatable. Read from the right, so NAME may hold "
                       "':' (Identity:0:1e-3). Where the text also reads as NAME:RTOL:ATOL, the "
                       "reading whose NAME is an output of the model is taken."),
     click.option("--samples", type=int, default=1, show_default=True, help="Random input sets to compare."),

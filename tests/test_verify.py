@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxfold.errors import OnnxfoldError
 from onnxfold.verify import VerifySettings, feeds, parity, verify_models
 
+from .test_cli import onnxfold
+
 EPS = 1e-5
 
 
@@ -202,6 +204,34 @@ def test_user_tolerances_override_defaults():
         verify_models(original, optimized, parity_only(output_tolerances={"z": (1e-3, 1e-3)}))
 
 
+def test_global_tolerances_leave_integer_and_bool_outputs_exact():
+    """--rtol/--atol loosened integer and bool outputs too: an int64 off by one and an
+    inverted bool passed with --atol 1. They are for floats; --output-tol may name others."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4] x) => (float[4] f, int64[4] i, bool[4] b) {{
+            k = Constant<value = float {{1000.0}}>()
+            scaled = Mul(x, k)
+            i0 = Cast<to = 7>(scaled)
+            zero = Constant<value = float {{0.0}}>()
+            {body}
+        }}
+    """
+    original = text_model(text.format(body="f = Identity(x)  i = Identity(i0)  b = Greater(x, zero)"))
+    optimized = text_model(text.format(body="""
+            half = Constant<value = float {0.5}>()
+            one = Constant<value = int64 {1}>()
+            f = Add(x, half)  i = Add(i0, one)  b = LessOrEqual(x, zero)"""))
+    report = verify_models(original, optimized, parity_only(rtol=1e-4, atol=1.0))
+    f, i, b = (cpu_output(report, name) for name in "fib")
+    assert f.passed and (f.rtol, f.atol) == (1e-4, 1.0)
+    assert not i.passed and (i.rtol, i.atol) == (0.0, 0.0) and i.mismatched == 4
+    assert not b.passed and (b.rtol, b.atol) == (0.0, 0.0) and b.mismatched == 4
+    assert not report.passed
+    named = verify_models(original, optimized, parity_only(atol=1.0, output_tolerances={"i": (0.0, 1.0)}))
+    assert cpu_output(named, "i").passed and not cpu_output(named, "b").passed
+
+
 def test_min_passing_rtol_is_the_threshold():
     acc = parity.Accumulator()
     reference = np.array([1.0, 2.0, -4.0], np.float32)
@@ -276,6 +306,29 @@ def test_name_and_shape_differences_are_named():
         verify_models(conv_folded(), changed, parity_only())
 
 
+def test_an_input_the_optimized_model_narrows_fails(tmp_path):
+    """A takes x[N,4], B only x[1,4]: verify fed both batch 1 and passed, though B refuses
+    every other batch A takes. Static in A and dynamic in B is fine."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{n},4] x) => (float[{n},4] y) {{ y = Relu(x) }}
+    """
+    dynamic, static = text_model(text.format(n="N")), text_model(text.format(n=1))
+    report = verify_models(dynamic, static, parity_only())
+    assert not report.passed and report.providers == []
+    assert report.disagreements == ["input 'x': the original takes [N,4], the optimized model only [1,4]: "
+                                    "dim 0 ('N') is fixed at 1"]
+    assert report.disagreements[0] in report.render()
+    assert report.to_dict()["disagreements"] == report.disagreements
+    assert verify_models(static, dynamic, parity_only()).passed
+    original, optimized = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(dynamic, str(original))
+    onnx.save(static, str(optimized))
+    result = onnxfold("verify", original, optimized, "--no-latency", "--shape", "x:2x4")
+    assert result.returncode == 1, result.stderr
+    assert "dim 0 ('N') is fixed at 1" in result.stdout
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -303,6 +356,25 @@ def test_other_dynamic_dim_without_shape_is_an_error():
     assert report.passed and report.inputs[0].shape == [2, 3, 5, 8]
     with pytest.raises(OnnxfoldError, match="the model fixes it at 3"):
         verify_models(text_model(text), text_model(text), parity_only(shapes={"x": (2, 4, 5, 8)}))
+
+
+def test_a_named_dim_takes_one_size_in_every_input():
+    """With x[T], z[T] and --shape x:5, z was fed T=1: onnxruntime broadcast it, and a model
+    that adds z[0] instead of z passed."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[T] x, float[T] z) => (float[T] y) {{ {body} }}
+    """
+    original = text_model(text.format(body="y = Add(x, z)"))
+    first_only = text_model(text.format(body="""
+            i = Constant<value = int64 {0}>()
+            z0 = Gather(z, i)
+            y = Add(x, z0)"""))
+    report = verify_models(original, original, parity_only(shapes={"x": (5,)}))
+    assert [i.shape for i in report.inputs] == [[5], [5]] and not report.notes
+    assert not verify_models(original, first_only, parity_only(shapes={"x": (5,)})).passed
+    with pytest.raises(OnnxfoldError, match="dim 'T' as 5 for input 'x' and 4 for input 'z'"):
+        verify_models(original, original, parity_only(shapes={"x": (5,), "z": (4,)}))
 
 
 RELU = """
@@ -365,6 +437,43 @@ def test_int_and_bool_inputs_get_their_dtypes():
     assert ints.dtype == np.int32 and ints.min() >= 0 and ints.max() < feeds.INT_RANGE[1]
     assert bools.dtype == np.bool_ and 0 < bools.sum() < 1000
     assert floats.dtype == np.float16 and floats.min() >= 2.0 and floats.max() <= 3.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.int32, np.int64,
+                                   np.uint8, np.uint64, np.bool_])
+def test_a_scalar_input_is_a_0d_array(dtype):
+    """A bool at shape () came out as a numpy.bool scalar, which onnxruntime refuses as a feed."""
+    array = feeds.random_array(np.random.default_rng(0), (), dtype)
+    assert isinstance(array, np.ndarray) and array.shape == () and array.dtype == dtype
+
+
+def test_a_scalar_bool_input_verifies():
+    model = text_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c) => (bool y) { y = Not(c) }
+    """)
+    assert verify_models(model, model, parity_only()).passed
+
+
+def test_random_inputs_too_large_are_refused_before_any_is_made(tmp_path, monkeypatch):
+    """A huge static dim or --shape was a MemoryError (exit 3) in verify and optimize --verify."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{n},3] x) => (float[{n},3] y) {{ y = Relu(x) }}
+    """
+    huge, dynamic = text_model(text.format(n=10**12)), text_model(text.format(n="N"))
+    with pytest.raises(OnnxfoldError, match=r"input 'x' \[1000000000000,3\] float32 would take 11175.9 GiB"):
+        verify_models(huge, huge, parity_only())
+    with pytest.raises(OnnxfoldError, match=r"input 'x' \[100000000000,3\] float32 would take 1117.6 GiB"):
+        verify_models(dynamic, dynamic, parity_only(shapes={"x": (10**11, 3)}))
+    path = tmp_path / "huge.onnx"
+    onnx.save(huge, str(path))
+    result = onnxfold("optimize", path, tmp_path / "out.onnx", "--verify")
+    assert result.returncode == 2 and "input 'x' [1000000000000,3] float32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    monkeypatch.setattr(feeds, "MAX_FEED_BYTES", 1000)  # 600 bytes a sample
+    with pytest.raises(OnnxfoldError, match=r"inputs of 2 sample\(s\) would take"):
+        verify_models(dynamic, dynamic, parity_only(shapes={"x": (50, 3)}, samples=2))
 
 
 def test_bad_arguments_are_clean_errors():

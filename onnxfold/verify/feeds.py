@@ -3,6 +3,7 @@ user's own arrays from .npy/.npz files."""
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -18,20 +19,22 @@ from .settings import DEFAULT_INPUT_RANGE
 # Random integer inputs the graph does not bound (ranges.py) are drawn from [0, 8): small
 # and non-negative, because integer inputs are mostly indices, sizes or flags.
 INT_RANGE = (0, 8)
+# The most random data verify makes, all inputs and samples together. A huge declared dim
+# (or --shape, or --samples) would otherwise fail in numpy (MemoryError), or have the
+# system's out-of-memory killer end the process.
+MAX_FEED_BYTES = 4 * 2**30
 
 
-def input_specs(orig_inputs, opt_inputs, shapes) -> dict:
-    """{name: (dtype, elem_type, dims, given shape)} with static dims from either model;
-    the given shapes are checked when the feeds are made."""
+def input_specs(orig_inputs, shapes) -> dict:
+    """{name: (dtype, elem_type, dims, given shape)} with the original's dims (the optimized
+    model must take every shape it does: models.narrowed_inputs); the given shapes are
+    checked when the feeds are made."""
     unknown = [n for n in shapes if n not in orig_inputs]
     if unknown:
         raise OnnxfoldError(f"shape given for unknown input '{unknown[0]}'; inputs: "
                             + ", ".join(orig_inputs))
-    specs = {}
-    for name, (elem_type, dims) in orig_inputs.items():
-        dims = _merge_dims(dims, opt_inputs[name][1])
-        specs[name] = (np_dtype(elem_type), elem_type, dims, shapes.get(name))
-    return specs
+    return {name: (np_dtype(elem_type), elem_type, dims, shapes.get(name))
+            for name, (elem_type, dims) in orig_inputs.items()}
 
 
 def make_feeds(specs, settings, notes, model=None) -> tuple:
@@ -52,22 +55,45 @@ def make_feeds(specs, settings, notes, model=None) -> tuple:
     return feeds, infos
 
 
-def _merge_dims(a, b):
-    if a is None or b is None:
-        return a if b is None else b
-    return [x if isinstance(x, int) else (y if isinstance(y, int) else x) for x, y in zip(a, b)]
+def _shapes(specs, notes) -> dict:
+    """{input name: the concrete shape to feed it}: the user's, else static dims, named
+    dims as another input's --shape gives them, and batch 1."""
+    given = {name: _check_given_shape(name, dims, tuple(shape), "--shape")
+             for name, (_, _, dims, shape) in specs.items() if shape is not None}
+    named = _named_sizes(specs, given)
+    return {name: given[name] if name in given else _shape_for(name, dims, named, notes)
+            for name, (_, _, dims, _) in specs.items()}
 
 
-def _shape_for(name, dims, given, notes):
-    """The concrete shape to feed `name`: the user's, else static dims with batch 1."""
-    if given is not None:
-        return _check_given_shape(name, dims, tuple(given), "--shape")
+def _named_sizes(specs, given) -> dict:
+    """{dim name: size} from the given shapes. A named dim is one size in every input that
+    names it: feeding one input T=5 and another T=1 would let onnxruntime broadcast the 1,
+    and a model wrong on T elements would pass."""
+    sizes, where = {}, {}
+    for name, shape in given.items():
+        dims = specs[name][2] or []
+        for dim, size in zip(dims, shape):
+            if not isinstance(dim, str):
+                continue
+            if sizes.get(dim, size) != size:
+                raise OnnxfoldError(f"--shape gives dim '{dim}' as {sizes[dim]} for input '{where[dim]}' "
+                                    f"and {size} for input '{name}': a named dim takes one size")
+            sizes[dim], where[dim] = size, name
+    return sizes
+
+
+def _shape_for(name, dims, named, notes):
+    """The concrete shape to feed `name`, which has no --shape: static dims, the sizes
+    `named` gives named dims, and batch 1."""
     if dims is None:
         raise OnnxfoldError(f"input '{name}' has no shape in the model; give its shape (--shape)")
     shape = []
     for index, dim in enumerate(dims):
         if isinstance(dim, int):
             shape.append(dim)
+            continue
+        if dim in named:
+            shape.append(named[dim])
             continue
         label = f"'{dim}'" if dim else "unnamed"
         if index != 0:
@@ -96,18 +122,37 @@ def _check_given_shape(name, dims, shape, source):
 
 
 def _random_feeds(specs, samples, seed, ranges, notes):
-    shapes = {name: _shape_for(name, dims, given, notes)
-              for name, (_, _, dims, given) in specs.items()}
+    shapes = _shapes(specs, notes)
     for name, (dtype, elem_type, _, _) in specs.items():
         if dtype is None:
             raise OnnxfoldError(f"input '{name}' has dtype {dtype_name(elem_type)}, for which "
                                 "verify cannot make random data; give the data (--inputs)")
+    _check_sizes(shapes, specs, samples)
     rng = np.random.default_rng(seed)
-    feeds = [{name: random_array(rng, shapes[name], spec[0], ranges[name][0])
-              for name, spec in specs.items()} for _ in range(samples)]
+    try:
+        feeds = [{name: random_array(rng, shapes[name], spec[0], ranges[name][0])
+                  for name, spec in specs.items()} for _ in range(samples)]
+    except MemoryError:  # under MAX_FEED_BYTES, but more than this machine has
+        raise OnnxfoldError(f"not enough memory for {samples} sample(s) of random inputs; "
+                            "use fewer samples (--samples) or smaller shapes (--shape)") from None
     infos = [InputInfo(name, spec[0].name, list(shapes[name]), "random", *_shown(*ranges[name]))
              for name, spec in specs.items()]
     return feeds, infos
+
+
+def _check_sizes(shapes, specs, samples):
+    """Refuse random inputs over MAX_FEED_BYTES before any is made: one input alone (named),
+    or all samples of all inputs."""
+    limit = f"over the {MAX_FEED_BYTES // 2**30} GiB of random data verify makes"
+    sizes = {name: math.prod(shape) * specs[name][0].itemsize for name, shape in shapes.items()}
+    for name, size in sizes.items():
+        if size > MAX_FEED_BYTES:
+            raise OnnxfoldError(f"input '{name}' {dims_text(shapes[name])} {specs[name][0]} would take "
+                                f"{size / 2**30:.1f} GiB, {limit}")
+    total = samples * sum(sizes.values())
+    if total > MAX_FEED_BYTES:
+        raise OnnxfoldError(f"the inputs of {samples} sample(s) would take {total / 2**30:.1f} GiB, {limit}; "
+                            "use fewer samples (--samples) or smaller shapes (--shape)")
 
 
 def random_ranges(specs, settings, model=None) -> dict:
@@ -154,8 +199,12 @@ def _shown(value_range, why) -> tuple:
 
 def random_array(rng, shape, dtype, value_range=None):
     """Random data of `dtype`: floats uniform in value_range (default DEFAULT_INPUT_RANGE),
-    ints in [low, high) of value_range (default INT_RANGE), bools 50/50."""
-    dtype = np.dtype(dtype)
+    ints in [low, high) of value_range (default INT_RANGE), bools 50/50. Always an ndarray,
+    0-d for shape (): onnxruntime refuses a numpy scalar (numpy.bool) as a feed."""
+    return np.asarray(_random_values(rng, shape, np.dtype(dtype), value_range))
+
+
+def _random_values(rng, shape, dtype, value_range):
     if dtype.kind == "f":
         value_range = value_range or DEFAULT_INPUT_RANGE
         largest = float(np.finfo(dtype).max)
@@ -206,7 +255,7 @@ def _load_arrays(inputs, specs):
     with data:  # an .npz reads each array when asked for it: the errors come here
         try:
             return {name: data[name] for name in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as error:
             raise OnnxfoldError(f"not a readable .npz file ({first_line(error)})", inputs) from None
 
 
@@ -224,7 +273,7 @@ def _np_load(path):
     try:
         # allow_pickle=False: an input file must not be able to run code.
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as error:
         raise OnnxfoldError(f"not a readable .npy/.npz file ({first_line(error)})", path) from None
 
 

@@ -82,8 +82,36 @@ def _compatible(a, b):
         return True
     if len(dims_a) != len(dims_b):
         return False
-    # Only static dims must agree: a dynamic dim on either side accepts anything.
+    # Only static dims must agree here: a dim dynamic on one side only is comparable (on
+    # the sizes both take), and narrowed_inputs tells when the optimized side is the static one.
     return all(x == y for x, y in zip(dims_a, dims_b) if isinstance(x, int) and isinstance(y, int))
+
+
+def narrowed_inputs(orig_inputs, opt_inputs) -> list:
+    """One line per input the optimized model takes in fewer shapes than the original (a
+    dim or rank dynamic in the original, static in the optimized). Such a model refuses
+    inputs the original accepts, so it cannot stand in for it, whatever its outputs on
+    the shapes both take; a dim static in the original and dynamic in the optimized is
+    fine. Call after check_signatures (same names, same ranks where both are known)."""
+    found = []
+    for name, (_, dims_a) in orig_inputs.items():
+        dims_b = opt_inputs[name][1]
+        if dims_b is None:
+            continue
+        if dims_a is None:
+            found.append(f"input '{name}': the original takes any rank, the optimized model only "
+                         f"{dims_text(dims_b)}")
+            continue
+        fixed = [f"dim {index} ({_dim_label(a)}) is fixed at {b}" for index, (a, b) in enumerate(zip(dims_a, dims_b))
+                 if not isinstance(a, int) and isinstance(b, int)]
+        if fixed:
+            found.append(f"input '{name}': the original takes {dims_text(dims_a)}, the optimized model "
+                         f"only {dims_text(dims_b)}: " + ", ".join(fixed))
+    return found
+
+
+def _dim_label(dim) -> str:
+    return f"'{dim}'" if dim else "unnamed"
 
 
 def _describe(tensor):

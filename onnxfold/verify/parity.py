@@ -9,8 +9,8 @@ by name. An element is within tolerance when |candidate - reference| <= atol + r
 sides hold the same value (NaN in both, or the same infinity); a NaN/Inf in the candidate
 where the reference is finite is a failure.
 
-Default tolerances (by output dtype, settings.FLOAT_TOLERANCES; rtol/atol and per-output
-overrides replace them)
+Default tolerances (by output dtype, settings.FLOAT_TOLERANCES; per-output overrides replace
+them, and so do rtol/atol for float outputs)
     float16: rtol 1e-2, atol 1e-3 * max|reference|
     float32: rtol 1e-4, atol 1e-5 * max|reference|
     float64: rtol 1e-7, atol 1e-9 * max|reference|
@@ -80,19 +80,22 @@ def check_tolerance_names(settings, output_names) -> None:
 
 
 def tolerances(output_types, ref_outputs, settings) -> dict:
-    """{output: (dtype, rtol, atol, max|reference|)}, precedence: per output, global, default."""
+    """{output: (dtype, rtol, atol, max|reference|)}, precedence: per output, global, default.
+    The global rtol/atol are for float outputs only: integers and bools stay exact (an index
+    off by one, a flipped flag, is never rounding), unless a per-output tolerance names them."""
     chosen = {}
     for name, (elem_type, _) in output_types.items():
         dtype = np_dtype(elem_type)
         ref_max = _max_abs(r[name] for r in ref_outputs)
         if dtype.kind in "iub":
-            default = (0.0, 0.0)
+            default, overall = (0.0, 0.0), (None, None)
         else:
             default_rtol, scale = FLOAT_TOLERANCES[dtype]
             default = (default_rtol, scale * (ref_max if ref_max > 0 else 1.0))
+            overall = (settings.rtol, settings.atol)
         out_rtol, out_atol = settings.output_tolerances.get(name, (None, None))
-        rtol = next(v for v in (out_rtol, settings.rtol, default[0]) if v is not None)
-        atol = next(v for v in (out_atol, settings.atol, default[1]) if v is not None)
+        rtol = next(v for v in (out_rtol, overall[0], default[0]) if v is not None)
+        atol = next(v for v in (out_atol, overall[1], default[1]) if v is not None)
         chosen[name] = (dtype, float(rtol), float(atol), ref_max)
     return chosen
 

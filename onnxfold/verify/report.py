@@ -82,13 +82,14 @@ class VerifyReport:
     providers: list  # ProviderResult
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    disagreements: list = field(default_factory=list)  # why the models differ before any output (inputs)
 
     @property
     def passed(self) -> bool:
-        """Parity passed on every provider that ran, and one at least did: an unavailable
-        provider does not fail the report by itself."""
+        """No disagreement, and parity passed on every provider that ran, and one at least
+        did: an unavailable provider does not fail the report by itself."""
         ran = [p for p in self.providers if p.status == "ran"]
-        return bool(ran) and all(p.passed for p in ran)
+        return not self.disagreements and bool(ran) and all(p.passed for p in ran)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict; non-finite numbers become None (JSON has no NaN/Inf)."""
@@ -107,10 +108,15 @@ def _render(report):
              f"{settings['candidate_graph_optimization']}",
              f"onnxruntime {report.onnxruntime_version}; {settings['samples']} sample(s), "
              f"seed {settings['seed']}",
-             "", "inputs:"]
-    lines += table(["name", "dtype", "shape", "data"],
-                   [[i.name, i.dtype, dims_text(i.shape), _input_source(i)] for i in report.inputs],
-                   indent="  ")
+             ""]
+    if report.disagreements:
+        lines += ["the models disagree, so no output was compared:"]
+        lines += [f"  - {item}" for item in report.disagreements]
+    else:
+        lines += ["inputs:"]
+        lines += table(["name", "dtype", "shape", "data"],
+                       [[i.name, i.dtype, dims_text(i.shape), _input_source(i)] for i in report.inputs],
+                       indent="  ")
     for provider in report.providers:
         lines += [""] + _render_provider(provider)
     for title, items in (("notes", report.notes), ("warnings", report.warnings)):

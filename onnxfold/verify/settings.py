@@ -38,15 +38,18 @@ class VerifySettings:
     providers: short names ("cpu", "cuda", ...) or full execution-provider names, kept as
         short names; None = "cpu", plus "cuda" where onnxruntime has CUDAExecutionProvider
         and its library loads.
-    rtol, atol: tolerances for every output (atol absolute); None = dtype defaults.
-    output_tolerances: {output name: (rtol, atol)}, either may be None; beats rtol/atol.
+    rtol, atol: tolerances for every float output (atol absolute); None = dtype defaults.
+        Integer and bool outputs stay exact.
+    output_tolerances: {output name: (rtol, atol)}, either may be None; beats rtol/atol,
+        and applies to an output of any dtype (integers included).
     samples: number of random input sets (1 when `inputs` is given).
     input_range: (low, high) of random float inputs; None = (-1, 1).
     input_ranges: {input name: (low, high)} for those inputs, of any numeric dtype; beats
         input_range and the range the graph gives an integer input (see ranges.py).
         Integer inputs take integer bounds; high is excluded for every dtype.
-    shapes: {input name: shape} for dynamic dims. An unset dynamic batch dim (dim 0) is 1,
-        with a note; any other unset dynamic dim is an error.
+    shapes: {input name: shape} for dynamic dims. A named dim takes one size in every input
+        that names it. An unset dynamic batch dim (dim 0) is 1, with a note; any other unset
+        dynamic dim is an error.
     inputs: a .npz path (keys = input names), or {input name: .npy path or array}; it must
         cover every input.
     seed: of the random inputs.
