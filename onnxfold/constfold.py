@@ -336,9 +336,43 @@ def is_random(node) -> bool:
 _KEPT_FOR_RUNTIMES = {"DequantizeLinear"}
 
 
+# The most a value computed on the way to a fold may hold: a ConstantOfShape of 5e8 floats
+# summed to one number folds to a scalar, but onnxruntime would have to hold the 2 GB.
+_EVALUATION_CAP = 64 << 20
+
+
 def _may_fold(node) -> bool:
     return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and not is_random(node) and \
-        node.op not in _KEPT_FOR_RUNTIMES and is_standard(node) and next(node.subgraphs(), None) is None
+        node.op not in _KEPT_FOR_RUNTIMES and is_standard(node) and next(node.subgraphs(), None) is None \
+        and all(_known_bytes(t) <= _EVALUATION_CAP for t in node.outputs)
+
+
+def _known_bytes(tensor) -> int:
+    """The bytes of a value, where its static shape is known (from inference or, where
+    inference did not see it, from the stored sizes a ConstantOfShape, Expand or Tile
+    reads); else 0."""
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        shape = _sizes_read(tensor.inputs[0]) if tensor.inputs else None
+    if tensor.dtype is None or shape is None:
+        return 0
+    return math.prod(shape) * np.dtype(tensor.dtype).itemsize
+
+
+def _sizes_read(node):
+    """The output sizes an op takes from a stored input, at least (Expand broadcasts them
+    with its input's): None for other ops, or sizes not stored."""
+    if node.op not in ("ConstantOfShape", "Expand", "Tile") or len(node.inputs) < (1 if node.op == "ConstantOfShape" else 2):
+        return None
+    sizes = _small_ints(node.inputs[0 if node.op == "ConstantOfShape" else 1])
+    if sizes is None or (sizes < 0).any():
+        return None
+    if node.op == "Tile":
+        data = node.inputs[0].shape
+        if data is None or len(data) != sizes.size or not all(isinstance(d, int) for d in data):
+            return None
+        return [d * r for d, r in zip(data, sizes.tolist())]
+    return sizes.reshape(-1).tolist()
 
 
 def _frontier(graph, nodes) -> list:

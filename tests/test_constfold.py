@@ -103,6 +103,31 @@ def test_a_constant_of_shape_that_would_write_megabytes_stays():
     _same_at(model, optimized, [(1, 1)])
 
 
+@pytest.mark.parametrize("where", ["graph", "branch"])
+def test_a_fold_that_would_hold_hundreds_of_megabytes_on_the_way_is_not_evaluated(where):
+    """ConstantOfShape([1e8]) summed folds to one number, but onnxruntime would hold the
+    400 MB on the way (and 20 GB for 5e9): left computed. In a branch, inference does not
+    see the outer sizes; the stored sizes the op reads are counted then."""
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=numpy_helper.from_array(np.float32([1]))),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0)]
+    weights = [numpy_helper.from_array(np.int64([100_000_000]), "shape")]
+    if where == "graph":
+        nodes.append(helper.make_node("Add", ["x", "total"], ["y"]))
+        inputs = [helper.make_tensor_value_info("x", F, [])]
+    else:
+        then = helper.make_graph([*nodes, helper.make_node("Add", ["x", "total"], ["t"])], "then", [],
+                                 [helper.make_tensor_value_info("t", F, [])])
+        other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                  [helper.make_tensor_value_info("e", F, [])])
+        nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+        inputs = [helper.make_tensor_value_info("x", F, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", F, [])], weights)
+    optimized, report = optimize(model)
+    assert report.normalized["constant-subgraphs"] == 0
+    scopes = [optimized.graph] + [a.g for n in optimized.graph.node for a in n.attribute if a.HasField("g")]
+    assert any(n.op_type == "ConstantOfShape" for g in scopes for n in g.node)
+
+
 def test_an_expand_whose_size_inference_does_not_know_is_checked_once_evaluated():
     """The target shape comes from a Concat of constants inference cannot read (no data
     propagation through Abs): the size is known only after evaluating, and it is too big."""
