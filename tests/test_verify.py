@@ -329,6 +329,22 @@ def test_an_input_the_optimized_model_narrows_fails(tmp_path):
     assert "dim 0 ('N') is fixed at 1" in result.stdout
 
 
+def test_outputs_in_another_order_fail():
+    """Same outputs, listed in another order: a caller reading them by position (as
+    session.run(None, ...) returns them) would get them swapped."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] x) => ({outputs}) {{ a = Relu(x)
+                                         b = Neg(x) }}
+    """
+    in_order = text_model(text.format(outputs="float[2] a, float[2] b"))
+    swapped = text_model(text.format(outputs="float[2] b, float[2] a"))
+    report = verify_models(in_order, swapped, parity_only())
+    assert not report.passed
+    assert report.disagreements == ["outputs in another order: the original gives a, b; the optimized model b, a"]
+    assert verify_models(in_order, in_order, parity_only()).passed
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

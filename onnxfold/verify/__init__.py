@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from .feeds import input_specs, make_feeds
 from .latency import measure_latency
-from .models import check_signatures, narrowed_inputs, open_model, signature
+from .models import check_signatures, narrowed_inputs, open_model, reordered_outputs, signature
 from .parity import check_tolerance_names, reference_outputs, tolerances, verify_on
 from .report import VerifyReport
 from .sessions import execution_providers
@@ -42,10 +42,10 @@ def verify_models(original, optimized, settings: VerifySettings | None = None, p
     output_names = list(orig_sig["output"])
     check_tolerance_names(settings, output_names)
     specs = input_specs(orig_sig["input"], settings.shapes)
-    narrowed = narrowed_inputs(orig_sig["input"], opt_sig["input"])
-    if narrowed:  # the optimized model cannot take the original's place: a failure, not bad input
+    disagreements = narrowed_inputs(orig_sig["input"], opt_sig["input"]) + reordered_outputs(orig_sig, opt_sig)
+    if disagreements:  # the optimized model cannot take the original's place: a failure, not bad input
         return VerifyReport(original.label, optimized.label, ort.__version__, settings.summary(0),
-                            [], [], disagreements=narrowed)
+                            [], [], disagreements=disagreements)
     providers = execution_providers(settings.providers)
 
     notes, warnings = [], []

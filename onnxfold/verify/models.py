@@ -110,6 +110,17 @@ def narrowed_inputs(orig_inputs, opt_inputs) -> list:
     return found
 
 
+def reordered_outputs(orig, opt) -> list:
+    """A line when the optimized model lists the same outputs in another order: a caller
+    that reads outputs by position (run(None, ...)) would get them swapped. Call after
+    check_signatures (same names)."""
+    names_a, names_b = list(orig["output"]), list(opt["output"])
+    if names_a == names_b:
+        return []
+    return [f"outputs in another order: the original gives {', '.join(names_a)}; "
+            f"the optimized model {', '.join(names_b)}"]
+
+
 def _dim_label(dim) -> str:
     return f"'{dim}'" if dim else "unnamed"
 
