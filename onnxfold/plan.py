@@ -285,7 +285,10 @@ def _raises_cost(rule, match, computed):
 
 def _pattern_cost(rule, match):
     nodes = [match.nodes[line.text] for line in rule.pattern]
-    params = cost.parameters(t for node in nodes for t in node.inputs)
+    # A weight some other node reads stays in the model: the rewrite replaces none of it.
+    own = {id(node) for node in nodes}
+    params = cost.parameters(t for node in nodes for t in node.inputs
+                             if all(id(reader) in own for reader in t.outputs))
     return params, _sum_known(cost.multiply_adds(node.op, [cost.shape_of(t) for t in node.inputs],
                                                  cost.shape_of(node.outputs[0])) for node in nodes)
 

@@ -54,6 +54,28 @@ def test_dbb_pooled_branch_still_merges():
     assert_same_function(model, optimized, rtol=1e-4)
 
 
+def test_a_weight_two_convs_share_is_not_copied_into_each_fold():
+    """Two convs tie one kernel, each with its own BN: each fold would write its own copy
+    while the other conv keeps the original, twice the weights. The guard counts a weight
+    as replaced only where no node outside the pattern reads it."""
+    model = model_from_text("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,8,6,6] x, float[8,8,3,3] W, float[8] g0, float[8] b0, float[8] m0, float[8] var0,
+   float[8] g1, float[8] b1, float[8] m1, float[8] var1) => (float[1,8,6,6] y) {
+  c0 = Conv<pads=[1,1,1,1]>(x, W)
+  n0 = BatchNormalization(c0, g0, b0, m0, var0)
+  c1 = Conv<pads=[1,1,1,1]>(n0, W)
+  y = BatchNormalization(c1, g1, b1, m1, var1)
+}
+""")
+    optimized, report = optimize(model)
+    assert report.after["parameters"] <= report.before["parameters"]
+    assert op_counts(optimized) == op_counts(model)
+    reasons = {m.reason for m in report.misses if m.rule == "fold-bn-into-conv"}
+    assert any("raises the parameters from 0 to 576" in reason for reason in reasons), reasons
+    assert_same_function(model, optimized)
+
+
 def test_merge_step_must_name_a_predicate(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('summary = "s"\npattern = """\nc = Conv(x, W)\ny = AveragePool(c)\n"""\n'
