@@ -518,6 +518,29 @@ def summed_with_conv(value, pool_output, source):
     the 1x1 conv computing it) whose kernel covers the pool's window, at its strides: the
     conv the pooled branch becomes then merges into that one (DBB), so making it is a step
     towards a merge that removes it."""
+    return _summed_with(value, pool_output, source, lambda conv: True)
+
+
+@predicate
+def summed_with_aligned_conv(pool_output, pointwise_output, source):
+    """summed_with_conv, for the k x k conv a 1x1 conv and its AveragePool become (k^2 times
+    the 1x1's weights, so the merge must follow): the conv of `source` in the sum must also
+    take explicit pads, the 1x1's group and output channels, and a window that lines up
+    with the pooled one, as merge-conv-branches takes them."""
+    pointwise, pool = _node(pointwise_output), attributes(_node(pool_output))
+    own = attributes(pointwise)
+    pads = [a + b for a, b in zip(own["pads"], pool["pads"])]
+
+    def merges(conv):
+        attrs = attributes(conv)
+        return (attrs["auto_pad"] in ("NOTSET", "VALID") and attrs["group"] == own["group"]
+                and _weight_shape(conv.outputs[0])[0] == _weight_shape(pointwise_output)[0]
+                and _align(pool["kernel_shape"], pads, _weight_shape(conv.outputs[0])[2:], attrs["pads"],
+                           attrs["dilations"], (pointwise.name, conv.name)) is None)
+    return _summed_with(pool_output, pool_output, source, merges)
+
+
+def _summed_with(value, pool_output, source, merges):
     term = _below_bns(value)
     if len(term.outputs) != 1 or term.outputs[0].op not in _SUMS:
         return f"'{term.name}' is not a term of a sum"
@@ -531,7 +554,8 @@ def summed_with_conv(value, pool_output, source):
             continue
         attrs = attributes(node)
         covers = all(k >= p for k, p in zip(attrs["kernel_shape"], pool["kernel_shape"]))
-        if covers and list(attrs["strides"]) == list(pool["strides"]) and not any(d != 1 for d in attrs["dilations"]):
+        if covers and list(attrs["strides"]) == list(pool["strides"]) and not any(d != 1 for d in attrs["dilations"]) \
+                and merges(node):
             return None
     return (f"no conv of '{source.name}' in the sum '{top.outputs[0].name}' has a kernel covering "
-            f"{list(pool['kernel_shape'])} at strides {list(pool['strides'])}")
+            f"{list(pool['kernel_shape'])} at strides {list(pool['strides'])} that it would merge into")
