@@ -92,8 +92,11 @@ def _mergeable_pairs(graph, engine, nodes, terms) -> list:
     saved = [(node, list(node.inputs)) for node in nodes]
     for node in nodes:  # the trial sees the terms as the regrouped tree will leave them
         node.inputs.clear()
+    # A term summed twice is read twice however the tree is grouped: the trial, which
+    # sees it read once, would pair it, and no rule would then merge it.
+    repeated = {i for i, t in enumerate(terms) if sum(u is t for u in terms) > 1}
     try:
-        pairs, paired = [], set()
+        pairs, paired = [], set(repeated)
         for i in range(len(terms)):
             for j in range(i + 1, len(terms)):
                 if i not in paired and j not in paired and _merge(graph, engine, terms[i], terms[j], nodes[-1]):

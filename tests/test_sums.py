@@ -208,6 +208,27 @@ g ({dtype}[2,3] a, {dtype}[2,3] b) => ({dtype}[2,3] y) {{
     assert counts["ReduceSum"] == 1 and "Sum" not in counts
 
 
+def test_a_term_summed_twice_is_not_paired_but_the_others_still_merge():
+    """Sum(a, a, b, a): a is read three times in any grouping, so no rule merges it; the
+    trial Add saw it read once and the tree became three Adds for nothing. With c beside
+    b, those two still merge."""
+    counts, _ = _optimized(f"""
+g ({CONVS}) => (float[1,4,8,8] y) {{
+  a = Conv<pads=[1,1,1,1]>(x, Wa)
+  b = Conv(x, Wb)
+  y = Sum(a, a, b, a)
+}}""")
+    assert counts == {"Conv": 2, "Sum": 1}
+    counts, _ = _optimized(f"""
+g ({CONVS}) => (float[1,4,8,8] y) {{
+  a = Conv<pads=[1,1,1,1]>(x, Wa)
+  b = Conv(x, Wb)
+  c = Conv<pads=[1,1,1,1]>(x, Wc)
+  y = Sum(a, b, a, c)
+}}""")
+    assert counts["Conv"] == 2 and counts["Add"] == 2, counts
+
+
 def test_a_sum_begun_outside_an_if_branch_is_left_to_its_own_graph():
     # s = Relu(x) + k1 outside, y = s + k2 inside the then-branch: the branch may not
     # regroup (and so rewire) the enclosing graph's Add
