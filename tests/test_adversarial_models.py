@@ -305,16 +305,17 @@ def test_a_body_weight_that_shadows_an_outer_one_is_the_one_folded():
     (lexical scoping, as onnxruntime runs it); graph-surgeon read the outer ones inside the
     body, and the body's Conv+BN was folded with the wrong statistics."""
     rng = np.random.default_rng(0)
-    then = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c2"]),
+    # Each conv its own kernel: a kernel two convs read is not folded (the cost guard).
+    then = helper.make_graph([helper.make_node("Conv", ["x", "Wt"], ["c2"]),
                               helper.make_node("BatchNormalization", ["c2", "g", "b", "m", "v"], ["t"])],
                              "then", [], [vi("t", F, [1, 4, 4, 4])], _bn_weights(rng))
-    other = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e"])], "else", [], [vi("e", F, [1, 4, 4, 4])])
-    weight = nh.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W")
+    other = helper.make_graph([helper.make_node("Conv", ["x", "We"], ["e"])], "else", [], [vi("e", F, [1, 4, 4, 4])])
+    weights = [nh.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), name) for name in ("W", "Wt", "We")]
     model = _model([helper.make_node("Conv", ["x", "W"], ["c"]),
                     helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["o1"]),
                     helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
                    [vi("x", F, [1, 3, 4, 4]), vi("cond", TensorProto.BOOL, [])],
-                   [vi("y", F, [1, 4, 4, 4]), vi("o1", F, [1, 4, 4, 4])], [weight, *_bn_weights(rng)])
+                   [vi("y", F, [1, 4, 4, 4]), vi("o1", F, [1, 4, 4, 4])], [*weights, *_bn_weights(rng)])
     optimized, report = optimize(model)
     _valid(optimized)
     assert report.fired() == {"fold-bn-into-conv": 2}
