@@ -336,21 +336,30 @@ def is_random(node) -> bool:
 _KEPT_FOR_RUNTIMES = {"DequantizeLinear"}
 
 
-# The most a value computed on the way to a fold may hold: a ConstantOfShape of 5e8 floats
-# summed to one number folds to a scalar, but onnxruntime would have to hold the 2 GB.
+# The most a value computed on the way to a fold may hold, where it is more than _GROWTH
+# times what it is computed from: a ConstantOfShape of 5e8 floats summed to one number
+# folds to a scalar, but onnxruntime would have to hold the 2 GB. A Transpose or Cast of a
+# large weight is no such blow-up, and still folds.
 _EVALUATION_CAP = 64 << 20
 
 
 def _may_fold(node) -> bool:
     return bool(node.inputs) and bool(node.outputs) and node.op != "Constant" and not is_random(node) and \
         node.op not in _KEPT_FOR_RUNTIMES and is_standard(node) and next(node.subgraphs(), None) is None \
-        and all(_known_bytes(t) <= _EVALUATION_CAP for t in node.outputs)
+        and not _blows_up(node)
+
+
+def _blows_up(node) -> bool:
+    read = sum(_known_bytes(t) for t in node.inputs if t.name)
+    return any(_known_bytes(t) > max(_EVALUATION_CAP, _GROWTH * read) for t in node.outputs)
 
 
 def _known_bytes(tensor) -> int:
     """The bytes of a value, where its static shape is known (from inference or, where
     inference did not see it, from the stored sizes a ConstantOfShape, Expand or Tile
     reads); else 0."""
+    if is_constant(tensor):
+        return constant_size(tensor) * np.dtype(tensor.dtype).itemsize
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         shape = _sizes_read(tensor.inputs[0]) if tensor.inputs else None

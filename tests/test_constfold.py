@@ -128,6 +128,21 @@ def test_a_fold_that_would_hold_hundreds_of_megabytes_on_the_way_is_not_evaluate
     assert any(n.op_type == "ConstantOfShape" for g in scopes for n in g.node)
 
 
+def test_a_transpose_of_a_weight_over_the_evaluation_cap_still_folds(monkeypatch):
+    """The cap is for blow-ups (a value over _GROWTH times what it is computed from): a
+    weight's Transpose is as large as the weight, and left computed it would run at
+    every inference. The cap is lowered here so that a small weight is over it."""
+    from onnxfold import constfold
+    monkeypatch.setattr(constfold, "_EVALUATION_CAP", 1024)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])]
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32), "W")
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [2, 64])],
+                   [helper.make_tensor_value_info("y", F, [2, 32])], [weight])
+    optimized, _ = optimize(model)
+    assert op_counts(optimized) == {"MatMul": 1}
+    assert_same_function(model, optimized)
+
+
 def test_an_expand_whose_size_inference_does_not_know_is_checked_once_evaluated():
     """The target shape comes from a Concat of constants inference cannot read (no data
     propagation through Abs): the size is known only after evaluating, and it is too big."""
