@@ -88,9 +88,10 @@ def _hide_sizes_inference_gets_wrong(skeleton) -> None:
                 unknown = f"__onnxfold_unknown_shape_{rank}"
                 if unknown not in {info.name for info in skeleton.graph.input}:
                     skeleton.graph.input.append(onnx.helper.make_tensor_value_info(unknown, onnx.TensorProto.INT64, [rank]))
-                pooled = node.output[0]
-                node.output[0] = f"{pooled}__onnxfold_as_inferred"
-                nodes.append(onnx.helper.make_node("Reshape", [node.output[0], unknown], [pooled]))
+                for index, pooled in enumerate(node.output):  # MaxPool's Indices too
+                    if pooled:
+                        node.output[index] = f"{pooled}__onnxfold_as_inferred"
+                        nodes.append(onnx.helper.make_node("Reshape", [node.output[index], unknown], [pooled]))
         if len(nodes) > len(graph.node):
             copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
             del graph.node[:]

@@ -314,6 +314,22 @@ g (float[1,2,5,5] x) => (float[?] sizes, float[?,?] y) {{
     assert_same_function(model, optimized, feeds=feeds)
 
 
+def test_a_ceil_mode_max_pools_indices_are_not_folded_to_inferences_sizes():
+    """MaxPool's second output, its Indices, has the pool's sizes and the same disagreement."""
+    model = model_from_text("""
+<ir_version: 8, opset_import: ["" : 19]>
+g (float[1,1,5,5] x) => (float[?] sizes, float[?,?,?,?] y) {
+  y, i = MaxPool<kernel_shape=[2,2], strides=[2,2], pads=[1,1,1,1], ceil_mode=1>(x)
+  s = Shape(i)
+  sizes = Cast<to=1>(s)
+}
+""")
+    optimized, _ = optimize(model)
+    feeds = {"x": np.random.default_rng(0).normal(size=(1, 1, 5, 5)).astype(np.float32)}
+    np.testing.assert_array_equal(run(model, feeds)["sizes"], [1, 1, 3, 3])
+    assert_same_function(model, optimized, feeds=feeds)
+
+
 def test_a_graph_output_computed_from_constants_stays_a_node():
     nodes = [helper.make_node("Mul", ["a", "a"], ["y"]), helper.make_node("Relu", ["x"], ["z"])]
     model = _model(nodes, [helper.make_tensor_value_info("x", F, [2])],
