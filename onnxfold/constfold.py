@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from .graph import constant_size, drop_unused_nodes, is_constant, is_standard, onnx_type
+from .graph import constant_bytes, constant_size, drop_unused_nodes, is_constant, is_standard, onnx_type
 from .text import first_line
 from .weights import constant_values, tensor_proto
 
@@ -291,8 +291,7 @@ def _cast_like_to_cast(graph) -> None:
 
 def _slack(graph) -> int:
     """The bytes any fold may take, whatever it is computed from (see _GROWTH)."""
-    weights = sum(constant_size(t) * np.dtype(t.dtype).itemsize for t in graph.tensors().values()
-                  if is_constant(t) and t.dtype is not None)
+    weights = sum(constant_bytes(t) for t in graph.tensors().values() if is_constant(t) and t.dtype is not None)
     return max(_SLACK, min(_CAP - 1, weights // 100))
 
 
@@ -359,7 +358,7 @@ def _known_bytes(tensor) -> int:
     inference did not see it, from the stored sizes a ConstantOfShape, Expand or Tile
     reads); else 0."""
     if is_constant(tensor):
-        return constant_size(tensor) * np.dtype(tensor.dtype).itemsize
+        return constant_bytes(tensor)
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         shape = _sizes_read(tensor.inputs[0]) if tensor.inputs else None
@@ -423,7 +422,7 @@ def _budget(tensor, nodes, slack) -> int:
             continue
         seen.add(id(value))
         if is_constant(value):
-            leaves[id(value)] = constant_size(value) * np.dtype(value.dtype).itemsize
+            leaves[id(value)] = constant_bytes(value)
         elif value.inputs and id(value.inputs[0]) in ids:
             stack.extend(t for t in value.inputs[0].inputs if t.name)
     return _GROWTH * sum(leaves.values()) + slack()

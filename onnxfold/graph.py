@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import CannotTell
 from .scopes import graph_and_bodies, holds_graph
-from .weights import constant_values, set_numpy_type
+from .weights import constant_values, held_constants, set_numpy_type
 
 # ONNX defaults, filled in so rules compare attributes as the runtime sees them.
 _SPATIAL_DEFAULTS = {"auto_pad": "NOTSET", "group": 1}
@@ -53,8 +53,7 @@ def use_numpy_types(graph) -> None:
     installs, has them all. Their dtype kind tells the engine whether it may fold them.
     """
     for scope in graph_and_bodies(graph):
-        held = [value for node in scope.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
-        for tensor in [*scope.tensors().values(), *held]:  # held: a Constant node's value
+        for tensor in [*scope.tensors().values(), *held_constants(scope)]:
             if not isinstance(tensor.dtype, int):
                 continue
             numpy_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)
@@ -67,6 +66,11 @@ def use_numpy_types(graph) -> None:
 def constant_size(tensor) -> int:
     """Number of elements of a constant, without reading it."""
     return math.prod(tensor.shape)
+
+
+def constant_bytes(tensor) -> int:
+    """Bytes of a constant's values, without reading them."""
+    return constant_size(tensor) * np.dtype(tensor.dtype).itemsize
 
 
 def spatial_rank(node) -> int:

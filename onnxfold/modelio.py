@@ -152,6 +152,12 @@ def without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+def attribute_value(node: onnx.NodeProto, name: str):
+    """A node proto's attribute value, or None where the node does not set it."""
+    found = next((a for a in node.attribute if a.name == name), None)
+    return None if found is None else onnx.helper.get_attribute_value(found)
+
+
 def _add_typed_input(graph: onnx.GraphProto, weight: onnx.TensorProto) -> None:
     """A graph input of the weight's name, element type and shape (what
     onnx.helper.make_tensor_value_info writes, without its checks and copies)."""

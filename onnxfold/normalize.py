@@ -264,12 +264,12 @@ def _stored_split_sizes(node, opset):
     """The sizes a standard SplitToSequence splits into, when stored as a list; else None."""
     if node.op != "SplitToSequence" or not is_standard(node) or opset < 13 or len(node.inputs) < 2:
         return None
-    split = node.inputs[1]
-    if not is_constant(split) or constant_values(split).ndim != 1:
+    sizes = constant_values(node.inputs[1]) if is_constant(node.inputs[1]) else None
+    if sizes is None or sizes.ndim != 1:
         return None  # a scalar chunk size needs the input's shape to count the pieces
-    if constant_values(split).dtype != np.int64:
+    if sizes.dtype != np.int64:
         return None  # SplitToSequence takes int32 sizes too, Split int64 only
-    return constant_values(split).tolist()
+    return sizes.tolist()
 
 
 def _reads_at(reader, count) -> bool:

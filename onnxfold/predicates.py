@@ -532,11 +532,11 @@ def summed_with_aligned_conv(pool_output, pointwise_output, source):
     pads = [a + b for a, b in zip(own["pads"], pool["pads"])]
 
     def merges(conv):
-        attrs = attributes(conv)
-        return (attrs["auto_pad"] in ("NOTSET", "VALID") and attrs["group"] == own["group"]
-                and _weight_shape(conv.outputs[0])[0] == _weight_shape(pointwise_output)[0]
-                and _align(pool["kernel_shape"], pads, _weight_shape(conv.outputs[0])[2:], attrs["pads"],
-                           attrs["dilations"], (pointwise.name, conv.name)) is None)
+        attrs, weight = attributes(conv), _weight_shape(conv.outputs[0])
+        return (explicit_padding(conv.outputs[0]) is None and attrs["group"] == own["group"]
+                and weight[0] == _weight_shape(pointwise_output)[0]
+                and _align(pool["kernel_shape"], pads, weight[2:], attrs["pads"], attrs["dilations"],
+                           (pointwise.name, conv.name)) is None)
     return _summed_with(pool_output, pool_output, source, merges)
 
 

@@ -8,14 +8,13 @@ constant lets inference see past it, and what it then knows lets more shape arit
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .export import value_info
-from .graph import constant_size, dims_of, holds_graphs, is_static, sort_nodes, without_negative_dims
-from .modelio import copy_fields, without_large_weights
+from .graph import constant_bytes, dims_of, holds_graphs, is_static, sort_nodes, without_negative_dims
+from .modelio import attribute_value, copy_fields, without_large_weights
 from .references import INLINE_LIMIT
 from .scopes import graph_and_bodies, graphs
 
@@ -83,8 +82,8 @@ def _hide_sizes_inference_gets_wrong(skeleton) -> None:
         nodes = []
         for node in graph.node:
             nodes.append(node)
-            if node.domain in ("", "ai.onnx") and node.op_type in _POOLS and _attribute(node, "ceil_mode") == 1:
-                rank = 2 + len(_attribute(node, "kernel_shape") or [])
+            if node.domain in ("", "ai.onnx") and node.op_type in _POOLS and attribute_value(node, "ceil_mode") == 1:
+                rank = 2 + len(attribute_value(node, "kernel_shape") or [])
                 unknown = f"__onnxfold_unknown_shape_{rank}"
                 if unknown not in {info.name for info in skeleton.graph.input}:
                     skeleton.graph.input.append(onnx.helper.make_tensor_value_info(unknown, onnx.TensorProto.INT64, [rank]))
@@ -96,11 +95,6 @@ def _hide_sizes_inference_gets_wrong(skeleton) -> None:
             copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
             del graph.node[:]
             graph.node.extend(copies)
-
-
-def _attribute(node, name):
-    found = [a for a in node.attribute if a.name == name]
-    return onnx.helper.get_attribute_value(found[0]) if found else None
 
 
 def _forget_sizes(info, keep_static) -> None:
@@ -180,7 +174,7 @@ def _skeleton(graph, model) -> onnx.ModelProto:
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant):
             continue
-        if constant_size(tensor) * np.dtype(tensor.dtype).itemsize <= INLINE_LIMIT:
+        if constant_bytes(tensor) <= INLINE_LIMIT:
             target.initializer.append(OnnxExporter.export_tensor_proto(tensor))
         else:
             target.input.append(value_info(gs.Variable(tensor.name, tensor.dtype, tensor.shape), {}))

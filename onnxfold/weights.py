@@ -106,9 +106,13 @@ def constants_of(graph) -> list:
     found = []
     for scope in graph_and_bodies(graph):
         found += [t for t in scope.tensors().values() if isinstance(t, Constant)]
-        attributes = [value for node in scope.nodes for value in node.attrs.values()]
-        found += [value for value in attributes if isinstance(value, Constant)]
+        found += held_constants(scope)
     return found
+
+
+def held_constants(scope) -> list:
+    """The constants the scope's nodes hold as attributes (a Constant node's value)."""
+    return [value for node in scope.nodes for value in node.attrs.values() if isinstance(value, Constant)]
 
 
 def release_all(constants) -> None:

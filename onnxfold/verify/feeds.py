@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import OnnxfoldError
 from ..text import first_line
-from .models import dims_text, dtype_name, np_dtype
+from .models import dim_label, dims_text, dtype_name, np_dtype
 from .ranges import graph_ranges
 from .report import InputInfo
 from .settings import DEFAULT_INPUT_RANGE
@@ -95,7 +95,7 @@ def _shape_for(name, dims, named, notes):
         if dim in named:
             shape.append(named[dim])
             continue
-        label = f"'{dim}'" if dim else "unnamed"
+        label = dim_label(dim)
         if index != 0:
             raise OnnxfoldError(f"input '{name}' {dims_text(dims)}: dim {index} ({label}) is "
                                 "dynamic and no shape was given for it (--shape)")

@@ -102,7 +102,7 @@ def narrowed_inputs(orig_inputs, opt_inputs) -> list:
             found.append(f"input '{name}': the original takes any rank, the optimized model only "
                          f"{dims_text(dims_b)}")
             continue
-        fixed = [f"dim {index} ({_dim_label(a)}) is fixed at {b}" for index, (a, b) in enumerate(zip(dims_a, dims_b))
+        fixed = [f"dim {index} ({dim_label(a)}) is fixed at {b}" for index, (a, b) in enumerate(zip(dims_a, dims_b))
                  if not isinstance(a, int) and isinstance(b, int)]
         if fixed:
             found.append(f"input '{name}': the original takes {dims_text(dims_a)}, the optimized model "
@@ -121,7 +121,7 @@ def reordered_outputs(orig, opt) -> list:
             f"the optimized model {', '.join(names_b)}"]
 
 
-def _dim_label(dim) -> str:
+def dim_label(dim) -> str:
     return f"'{dim}'" if dim else "unnamed"
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from ..modelio import attribute_value
+
 MASK_RANGE = (0, 2)
 
 # Ops that pass an input's values on unchanged (moved, repeated, a subset, another type):
@@ -65,7 +67,7 @@ def _reached(name, uses, tables) -> tuple:
             if node.op_type == "Gather" and position == 1 and node.input[0] in tables:
                 gathers.append(_gathered(node, tables[node.input[0]]))
             elif _passes_on(node, position):
-                cast |= node.op_type == "Cast" and _attribute(node, "to") in _VALUE_TYPES
+                cast |= node.op_type == "Cast" and attribute_value(node, "to") in _VALUE_TYPES
                 pending += [out for out in node.output[:1] if out and out not in seen]
                 seen.update(node.output[:1])
     return [g for g in gathers if g[0] > 0], cast
@@ -79,7 +81,7 @@ def _passes_on(node, position) -> bool:
 
 
 def _gathered(node, dims) -> tuple:
-    axis = _attribute(node, "axis") or 0
+    axis = attribute_value(node, "axis") or 0
     axis = axis + len(dims) if axis < 0 else axis
     size = dims[axis] if 0 <= axis < len(dims) else 0
     return size, node.input[0], axis
@@ -96,6 +98,3 @@ def _constant_shapes(graph) -> dict:
     return shapes
 
 
-def _attribute(node, name):
-    found = next((a for a in node.attribute if a.name == name), None)
-    return None if found is None else onnx.helper.get_attribute_value(found)
